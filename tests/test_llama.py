@@ -1,0 +1,257 @@
+"""llama.py: the model reproduces the real checkpoint, its formats agree, its LoRA layers keep their invariants."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llama
+from conftest import ROOT
+
+# the documented greedy sample of stories260K (llama2.c, karpathy/tinyllamas)
+GOLDEN = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+          "One day, she saw a big, red ball.")
+
+
+def tiny_args(**kw):
+    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48, max_seq_len=32,
+                tie_embeddings=False)
+    base.update(kw)
+    return llama.ModelArgs(**base)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return llama.Transformer(tiny_args(**kw)).eval()
+
+
+def test_greedy_sample_of_stories260K_matches_its_authors_documented_output(stories, tokenizer):
+    ids = tokenizer.encode("Once upon a time", bos=True)
+    new = list(stories.generate(torch.tensor([ids]), 60, temperature=0.0,
+                                stop_ids=(tokenizer.eos_id, tokenizer.bos_id)))
+    text = tokenizer.decode(ids + new)
+    assert text.startswith(GOLDEN), text
+
+
+def test_cli_prints_the_golden_sample_and_refuses_bad_input_in_one_line(data):
+    d = data / "stories260K"
+    ok = subprocess.run([sys.executable, "llama.py", "--checkpoint", str(d / "stories260K.bin"), "--tokenizer",
+                         str(d / "tok512.model"), "--prompt", "Once upon a time", "--max-new-tokens", "40",
+                         "--temperature", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith(GOLDEN), ok.stderr
+    bad = subprocess.run([sys.executable, "llama.py", "--checkpoint", "/nonexistent.bin"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert bad.stderr.count("\n") == 1 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_real_rope_equals_metas_complex_rope():
+    # Meta's reference: view pairs as complex numbers and multiply by e^{i m θ}
+    hd, T = 16, 10
+    x = torch.randn(2, T, 3, hd)
+    cos, sin = llama.precompute_freqs(hd, T)
+    freqs_cis = torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))
+    xc = torch.view_as_complex(x.reshape(2, T, 3, hd // 2, 2))
+    ref = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
+    torch.testing.assert_close(llama.apply_rotary_emb(x, cos, sin), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_cached_incremental_decoding_equals_full_forward(stories):
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 512, (2, 40))
+    full = stories(tokens)
+    # a prefill of 17 tokens, a chunk of 5, then one token at a time
+    steps = [stories(tokens[:, :17], start_pos=0), stories(tokens[:, 17:22], start_pos=17)]
+    steps += [stories(tokens[:, t:t + 1], start_pos=t) for t in range(22, 40)]
+    cached = torch.cat(steps, dim=1)
+    # fp32, 5 layers: only summation-order differences are allowed
+    assert (cached - full).abs().max().item() < 1e-4
+
+
+def test_meta_two_shard_checkpoint_loads_back_with_identical_logits(tmp_path):
+    model = tiny_model()
+    llama.save_meta_checkpoint(model, tmp_path / "meta", n_shards=2)
+    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["consolidated.00.pth", "consolidated.01.pth",
+                                                                    "params.json"]
+    # each shard holds half of a column-parallel weight
+    shard = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    assert shard["layers.0.attention.wq.weight"].shape == (16, 32)
+    assert shard["layers.0.attention.wo.weight"].shape == (32, 16)
+    loaded = llama.load_checkpoint(tmp_path / "meta")
+    tokens = torch.randint(0, 64, (2, 12))
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def hf_permute(w, n_heads):
+    # Hugging Face's convert_llama_weights_to_hf.py, the forward direction, written independently
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def save_hf(model, folder, use_safetensors=False):
+    a = model.args
+    folder.mkdir()
+    cfg = {"hidden_size": a.dim, "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
+           "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size,
+           "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len,
+           "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    inv = {v: k for k, v in llama._HF_NAMES.items()}
+    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+          "lm_head.weight": model.output.weight}
+    for k, v in model.state_dict().items():
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            mod, leaf = rest.rsplit(".", 1)
+            if mod == "attention.wq":
+                v = hf_permute(v, a.n_heads)
+            elif mod == "attention.wk":
+                v = hf_permute(v, a.n_kv_heads)
+            sd[f"model.layers.{i}.{inv[mod]}.{leaf}"] = v
+    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    if use_safetensors:
+        from safetensors.torch import save_file
+        save_file(sd, str(folder / "model.safetensors"))
+    else:
+        torch.save(sd, folder / "pytorch_model.bin")
+
+
+def test_hugging_face_layout_loads_back_with_identical_logits(tmp_path):
+    model = tiny_model(seed=1)
+    save_hf(model, tmp_path / "hf")
+    loaded = llama.load_checkpoint(tmp_path / "hf")
+    tokens = torch.randint(0, 64, (2, 12))
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_hugging_face_safetensors_load_when_installed(tmp_path):
+    pytest.importorskip("safetensors")
+    model = tiny_model(seed=2)
+    save_hf(model, tmp_path / "hf", use_safetensors=True)
+    tokens = torch.randint(0, 64, (1, 8))
+    assert torch.equal(llama.load_checkpoint(tmp_path / "hf")(tokens), model(tokens))
+
+
+def test_llama2_7b_preset_has_its_parameter_count_and_allocates_nothing():
+    with torch.device("meta"):
+        model = llama.Transformer(llama.PRESETS["llama2-7b"])
+    assert model.num_params() == 6_738_415_616
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_tokenizer_round_trips_and_exposes_special_ids(tokenizer):
+    ids = tokenizer.encode("Lily saw a ball.", bos=True, eos=True)
+    assert ids[0] == tokenizer.bos_id == 1 and ids[-1] == tokenizer.eos_id == 2
+    assert tokenizer.decode(ids) == "Lily saw a ball."
+    assert tokenizer.vocab_size == 512 and tokenizer.pad_id >= 0
+
+
+# --- bad input -----------------------------------------------------------------
+
+def test_truncated_llama2c_file_names_the_file_and_byte_counts(data, tmp_path):
+    blob = (data / "stories260K" / "stories260K.bin").read_bytes()
+    bad = tmp_path / "cut.bin"
+    bad.write_bytes(blob[:-100])
+    with pytest.raises(ValueError, match=r"cut.bin: \d+ bytes, expected \d+"):
+        llama.load_checkpoint(bad)
+
+
+def test_missing_checkpoint_and_mismatched_shapes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        llama.load_checkpoint(tmp_path / "nope")
+    model = tiny_model()
+    llama.save_meta_checkpoint(model, tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    params["dim"] = 48  # the weights no longer fit the config
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match=r"has shape \(\d+, \d+\), expected \(\d+, \d+\)"):
+        llama.load_checkpoint(tmp_path / "meta")
+
+
+def test_impossible_ranks_and_unknown_targets_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="need 1 <= r <= 16"):
+        llama.add_lora(copy.deepcopy(model), r=17)
+    with pytest.raises(ValueError, match="need 1 <= r"):
+        llama.add_lora(copy.deepcopy(model), r=0)
+    with pytest.raises(ValueError, match=r"unknown LoRA target modules \['q_proj'\]; valid: \['w1', 'w2'"):
+        llama.add_lora(copy.deepcopy(model), targets=("q_proj",))
+
+
+# --- LoRA invariants -----------------------------------------------------------
+
+def test_lora_with_B_zero_leaves_the_output_unchanged():
+    model = tiny_model()
+    tokens = torch.randint(0, 64, (2, 10))
+    before = model(tokens)
+    layers = llama.add_lora(model, r=4, alpha=8)
+    assert len(layers) == 2 * 7
+    assert all(m.lora_A.abs().max() > 0 and m.lora_B.abs().max() == 0 for m in layers.values())
+    assert torch.equal(model(tokens), before)
+
+
+def test_lora_scaling_is_alpha_over_r_or_alpha_over_sqrt_r():
+    lin = torch.nn.Linear(16, 8, bias=False)
+    assert llama.LoRALinear(lin, r=4, alpha=8).scaling == 2.0
+    assert llama.LoRALinear(lin, r=4, alpha=8, rslora=True).scaling == 4.0
+    # h = W0 x + s·B A x, checked against the formula
+    layer = llama.LoRALinear(lin, r=4, alpha=8, rslora=True)
+    layer.init_(torch.randn(4, 16), torch.randn(8, 4))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), x @ lin.weight.T + 4.0 * x @ layer.lora_A.T @ layer.lora_B.T)
+
+
+def test_merged_and_unmerged_outputs_agree_and_merge_is_idempotent():
+    model = tiny_model()
+    tokens = torch.randint(0, 64, (2, 10))
+    W0 = model.layers[0].attention.wq.weight.clone()
+    layers = llama.add_lora(model, r=4, alpha=8, rslora=True)
+    for m in layers.values():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    unmerged = model(tokens)
+    for m in layers.values():
+        m.merge()
+        m.merge()
+    torch.testing.assert_close(model(tokens), unmerged, rtol=1e-5, atol=1e-5)
+    for m in layers.values():
+        m.unmerge()
+    torch.testing.assert_close(model.layers[0].attention.wq.base.weight, W0, rtol=1e-6, atol=1e-6)
+
+
+def test_only_lora_parameters_get_gradients_and_freeze_A_keeps_A():
+    model = tiny_model()
+    llama.add_lora(model, r=4, alpha=8, freeze_A=True)
+    llama.mark_only_lora_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("lora_B") for n in trainable)
+    layers = llama.lora_layers(model)
+    A0 = {n: m.lora_A.detach().clone() for n, m in layers.items()}
+    W0 = {n: m.base.weight.detach().clone() for n, m in layers.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.randint(0, 64, (2, 10))
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora" not in n)
+    for n, m in layers.items():
+        assert torch.equal(m.lora_A, A0[n]) and torch.equal(m.base.weight, W0[n])
+        assert m.lora_B.abs().max() > 0
+
+
+def test_adapter_save_load_rebuilds_the_same_model_including_a_W0_shift(tmp_path):
+    model = tiny_model()
+    base = copy.deepcopy(model)
+    layers = llama.add_lora(model, r=4, alpha=8, rslora=True, targets=("wq", "w2"))
+    for i, m in enumerate(layers.values()):
+        m.init_(torch.randn_like(m.lora_A), torch.randn_like(m.lora_B), shift_W0=(i == 0))
+        torch.nn.init.normal_(m.lora_B)  # "training" moved B after the init
+    llama.save_lora(model, tmp_path / "adapter.pt")
+    llama.load_lora(base, tmp_path / "adapter.pt")
+    tokens = torch.randint(0, 64, (2, 10))
+    torch.testing.assert_close(base(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    state = torch.load(tmp_path / "adapter.pt", weights_only=True)
+    assert state["config"] == {"r": 4, "alpha": 8, "rslora": True, "scaling": 4.0, "targets": ["w2", "wq"]}
