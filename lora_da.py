@@ -1,0 +1,551 @@
+r"""
+LoRA-DA: data-aware initialization of LoRA from an asymptotic bias-variance objective
+(Data-Aware Initialization for Low-Rank Adaptation via Asymptotic Analysis, arXiv 2510.24561).
+
+Read top to bottom beside theory.md: statistics (Eq. 4) -> natural-gradient shift (Eq. 5) ->
+bias and variance terms (Eqs. 6-8) -> guidance matrix and its smallest eigenvectors (Eqs. 9-10)
+-> the LoRA factors (Eq. 11). Then the model-level driver and the peer initializations.
+
+Torch layout throughout: W0 is (d_out, d_in), lora_A is (r, d_in), lora_B is (d_out, r).
+
+| paper                          | here              | shape / meaning                                       |
+|--------------------------------|-------------------|-------------------------------------------------------|
+| G = ∇_W L                      | G                 | (d_out, d_in), mean per-sample gradient               |
+| E[x xᵀ] (input factor)         | Z                 | (d_in, d_in), layer inputs, over counted tokens       |
+| E[g gᵀ] (output factor)        | Y                 | (d_out,) diagonal or (d_out, d_out)                   |
+| F ≈ Z ⊗ Y                      | K-FAC Fisher      | never formed, except in exact_fisher for tiny layers  |
+| W_tgt − W0 ≈ −F⁻¹ ∇L           | dW  (ΔW)          | (d_out, d_in), natural-gradient step, Eq. 5           |
+| A0                             | A0                | (d_in, r), orthonormal columns; lora_A = A0ᵀ/√γ       |
+| bias term                      | bias_term         | ‖ΔW‖² − tr(A0ᵀ ΔWᵀΔW A0), Eq. 6                        |
+| variance term                  | variance_term     | tr(Y⁻¹)/N · tr(A0ᵀ Z⁻¹ A0), Eq. 7                      |
+| guidance matrix                | M                 | (d_in, d_in), −α ΔWᵀΔW + β tr(Y⁻¹)/N · Z⁻¹, Eq. 9       |
+| α, β                           | alpha, beta       | weights of bias and variance (authors: 1, 0.03)       |
+| γ                              | gamma             | B A = ΔW A0 A0ᵀ / γ (authors: 1024)                    |
+| N                              | n_samples         | size of the fine-tuning set                           |
+| λ                              | damping           | added to Z's diagonal and to Y (authors: 1e-6)        |
+
+This file imports torch only; any model works whose target layers carry a 2-D weight
+(nn.Linear, or llama.LoRALinear whose frozen W0 is layer.base.weight).
+"""
+import hashlib
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class DAConfig:
+    """LoRA-DA's settings; the defaults are the authors' runs (conf/lora_da.yaml)."""
+    alpha: float = 1.0           # α: weight of the bias term
+    beta: float = 0.03           # β: weight of the variance term (the theory says 1; 0.03 is tuned for LLMs)
+    gamma: float = 1024.0        # γ: B A = ΔW A0 A0ᵀ / γ
+    damping: float = 1e-6        # λ: added to Z's diagonal and to Y
+    n_samples: int = 100_000     # N: size of the fine-tuning set, in the variance term
+    normalize: bool = True       # divide ΔW by its largest singular value σ (and the variance by σ²)
+    y_full: bool = False         # Y as a full (d_out, d_out) matrix instead of its diagonal
+    token_mask: str = "all"      # tokens counted in Z and Y: "all" non-padding tokens, or "labels" (loss tokens)
+    batch_size: int = 1          # samples per forward pass; 1 is the explicit per-sample loop
+    layers_per_pass: Optional[int] = None  # transformer blocks per statistics pass (bounds memory); None: all
+    solver: str = "eigh"         # "eigh" (dense) or "lobpcg" (large d_in; falls back to eigh)
+    seed: int = 9                # seeds every randomized start, per layer
+
+
+# =============================================================================
+# 1. Statistics (theory.md Eq. 4): G, Z, Y by explicit autograd loops
+# =============================================================================
+
+def weight_of(layer) -> torch.Tensor:
+    """The frozen W0 of a target layer: llama.LoRALinear keeps it at .base.weight."""
+    return layer.base.weight if hasattr(layer, "base") else layer.weight
+
+
+def collate(samples: list) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+@contextmanager
+def recording(model: torch.nn.Module, layers: dict):
+    """Forward hooks keeping each target layer's input x and output h. Every parameter is frozen and
+    the model put in eval mode (no dropout in the statistics); each h is made to require grad so
+    autograd reaches it. Hooks, requires_grad and train mode are restored whatever happens."""
+    io = {}
+
+    def hook(name):
+        def fn(module, inputs, out):
+            if not out.requires_grad:  # no trainable path above this layer: make h a leaf that needs grad
+                out.requires_grad_()
+            io[name] = (inputs[0], out)
+        return fn
+
+    requires = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        yield io
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in requires.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+
+
+def counted_tokens(batch: dict, token_mask: str, B: int, T: int, device) -> torch.Tensor:
+    """(B, T) bool: the tokens whose x and g enter Z and Y. "all": every non-padding token (the
+    authors' default); "labels": only tokens whose target is scored (targets != -100)."""
+    if token_mask == "labels" and "targets" in batch:
+        return (batch["targets"] != -100).to(device).view(B, T)
+    if "attention_mask" in batch:
+        return batch["attention_mask"].to(device).bool().view(B, T)
+    return torch.ones(B, T, dtype=torch.bool, device=device)
+
+
+@dataclass
+class Statistics:
+    """Per target layer: G (d_out, d_in); Z (d_in, d_in), one shared tensor for layers with one input;
+    Y (d_out,) or (d_out, d_out). All fp32, all means (G over samples, Z and Y over counted tokens)."""
+    G: dict
+    Z: dict = field(default_factory=dict)
+    Y: dict = field(default_factory=dict)
+    n_samples: int = 0
+    n_tokens: int = 0
+
+
+def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, batch_size: int = 1,
+                    token_mask: str = "all", y_full: bool = False, factors: bool = True) -> Statistics:
+    """Eq. 4: G = E_s[∇_W L_s], Z = E_t[x xᵀ], Y = E_t[g gᵀ] with g = ∂L_s/∂h at token t.
+
+    samples: list of dicts of tensors (one sample each, no batch dim); loss_fn(model, batch) -> (B,)
+    per-sample losses. batch_size=1 is the explicit per-sample loop; a larger batch gives the same
+    numbers because sample i's outputs enter only L_i, so ∂(Σ_j L_j)/∂h_i = ∂L_i/∂h_i."""
+    if len(samples) == 0:
+        raise ValueError("empty sample set: LoRA-DA needs at least one target sample")
+    if token_mask not in ("all", "labels"):
+        raise ValueError(f"token_mask must be 'all' or 'labels', got {token_mask!r}")
+    device = next(model.parameters()).device
+    names = list(layers)
+    shape = {n: tuple(weight_of(layers[n]).shape) for n in names}  # (d_out, d_in)
+    G = {n: torch.zeros(shape[n], device=device) for n in names}
+    Z, Y, z_owner = {}, {}, {}
+    n_tokens = 0
+    with recording(model, layers) as io:
+        for start in range(0, len(samples), batch_size):
+            batch = collate(samples[start:start + batch_size])
+            B = len(samples[start:start + batch_size])
+            losses = loss_fn(model, {k: v.to(device) for k, v in batch.items()})  # (B,)
+            if losses.shape != (B,):
+                raise ValueError(f"loss_fn must return one loss per sample, shape ({B},), got {tuple(losses.shape)}")
+            if not torch.isfinite(losses).all():
+                raise ValueError(f"non-finite loss on samples {start}..{start + B - 1}")
+            # g_l = ∂(Σ_i L_i)/∂h_l for every target layer l: one backward for the whole batch
+            grads = torch.autograd.grad(losses.sum(), [io[n][1] for n in names])
+            if not z_owner:  # layers fed the very same input tensor (wq/wk/wv, w1/w3) share Z
+                seen = {}
+                for n in names:
+                    z_owner[n] = seen.setdefault(id(io[n][0]), n)
+            for n, g in zip(names, grads):
+                d_out, d_in = shape[n]
+                x = io[n][0].detach().float().reshape(B, -1, d_in)  # (B, T, d_in)
+                g = g.float().reshape(B, -1, d_out)                 # (B, T, d_out)
+                if not torch.isfinite(g).all():
+                    raise ValueError(f"non-finite output gradient in layer {n}")
+                # G += Σ_i Σ_t g_it x_itᵀ: the per-sample weight gradient, summed
+                G[n] += torch.einsum("bto,bti->oi", g, x)
+                m = counted_tokens(batch, token_mask, B, x.shape[1], device)
+                if not factors:
+                    continue
+                xm, gm = x[m], g[m]                                 # (n_counted, d_in), (n_counted, d_out)
+                if z_owner[n] == n:
+                    # Z += Σ_t x_t x_tᵀ
+                    Z[n] = Z.get(n, 0) + xm.T @ xm
+                # Y += Σ_t g_t g_tᵀ (or its diagonal Σ_t g_t²)
+                Y[n] = Y.get(n, 0) + (gm.T @ gm if y_full else (gm * gm).sum(0))
+                if n == names[0]:
+                    n_tokens += int(m.sum())
+            io.clear()
+    n = len(samples)
+    stats = Statistics(G={k: v / n for k, v in G.items()}, n_samples=n, n_tokens=n_tokens)
+    if factors:
+        if n_tokens == 0:
+            raise ValueError("no counted tokens: every token was masked out (check token_mask and the masks)")
+        Zm = {k: v / n_tokens for k, v in Z.items()}
+        stats.Z = {k: Zm[z_owner[k]] for k in names}  # the same tensor object for layers sharing an input
+        stats.Y = {k: v / n_tokens for k, v in Y.items()}
+    return stats
+
+
+def exact_fisher(model, samples: list, loss_fn: Callable, layer) -> tuple:
+    """The exact empirical Fisher of one small layer, F = E_s[vec(∇_W L_s) vec(∇_W L_s)ᵀ], from
+    per-sample weight gradients (row-major vec, so K-FAC reads F ≈ Y ⊗ Z here), and their mean G.
+    A second, independent path to the same G, and the reference K-FAC is compared against."""
+    W = weight_of(layer)
+    if W.numel() > 16384:
+        raise ValueError(f"exact_fisher is for tiny layers; this one has {W.numel()} weights (limit 16384)")
+    device = W.device
+    F = torch.zeros(W.numel(), W.numel(), dtype=torch.float64, device=device)
+    G = torch.zeros(W.shape, dtype=torch.float64, device=device)
+    with recording(model, {}):
+        W.requires_grad_(True)
+        for s in samples:
+            batch = {k: v[None].to(device) for k, v in s.items()}
+            (gW,) = torch.autograd.grad(loss_fn(model, batch).sum(), [W])
+            v = gW.double().flatten()
+            F += torch.outer(v, v)
+            G += gW.double()
+    return F / len(samples), G / len(samples)
+
+
+# =============================================================================
+# 2. The natural-gradient estimate of the target shift (theory.md Eq. 5)
+# =============================================================================
+
+def _check_inputs(G, Z, Y, name=""):
+    where = f" in layer {name}" if name else ""
+    if G.dim() != 2:
+        raise ValueError(f"G must be (d_out, d_in), got shape {tuple(G.shape)}{where}")
+    d_out, d_in = G.shape
+    if Z.shape != (d_in, d_in):
+        raise ValueError(f"Z must be ({d_in}, {d_in}) to fit G {tuple(G.shape)}, got {tuple(Z.shape)}{where}")
+    if Y.shape not in ((d_out,), (d_out, d_out)):
+        raise ValueError(f"Y must be ({d_out},) or ({d_out}, {d_out}) to fit G {tuple(G.shape)}, got {tuple(Y.shape)}{where}")
+    for sym, t in (("G", G), ("Z", Z), ("Y", Y)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{sym} has NaN or inf entries{where}")
+
+
+def damped_cholesky(Z, damping, what="Z", name=""):
+    """Cholesky factor of sym(Z) + λI; raises with the damping tried when Z is not positive definite."""
+    Zd = (Z + Z.T) / 2 + damping * torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device)
+    L, info = torch.linalg.cholesky_ex(Zd)
+    if info.item() != 0:
+        lo = torch.linalg.eigvalsh(Zd)[0].item()
+        where = f" of layer {name}" if name else ""
+        raise ValueError(f"factor {what}{where} is not positive definite after damping {damping:g} (smallest "
+                         f"eigenvalue {lo:.3g}); use a larger damping, e.g. {max(10 * damping, 2 * abs(lo)):.1g}")
+    return L
+
+
+def natural_gradient(G, Z, Y, damping=1e-6, name=""):
+    r"""Eq. 5: $\Delta W = -F^{-1}\nabla L$ with $F \approx Z\otimes Y$, i.e. $\Delta W = -Y^{-1} G Z^{-1}$."""
+    G, Z, Y = G.double(), Z.double(), Y.double()
+    Lz = damped_cholesky(Z, damping, "Z", name)
+    GZinv = torch.cholesky_solve(G.T, Lz).T                       # G Z⁻¹   (Z symmetric)
+    if Y.dim() == 1:
+        Yd = Y + damping
+        if (Yd <= 0).any():
+            raise ValueError(f"factor Y{' of layer ' + name if name else ''} is not positive definite after "
+                             f"damping {damping:g}; use a larger damping")
+        return -GZinv / Yd[:, None]                               # −Y⁻¹ G Z⁻¹, Y diagonal
+    Ly = damped_cholesky(Y, damping, "Y", name)
+    return -torch.cholesky_solve(GZinv, Ly)                       # −Y⁻¹ G Z⁻¹, Y full
+
+
+def trace_Y_inv(Y, damping=1e-6):
+    """tr(Y⁻¹) of the damped output factor."""
+    Y = Y.double()
+    if Y.dim() == 1:
+        return (1.0 / (Y + damping)).sum()
+    return torch.cholesky_inverse(damped_cholesky(Y, damping, "Y")).trace()
+
+
+# =============================================================================
+# 3. The asymptotic objective (theory.md Eqs. 6-8)
+# =============================================================================
+
+def bias_term(dW, A0):
+    r"""Eq. 6: the part of the shift LoRA cannot reach from span(A0),
+    $\|\Delta W (I - A_0A_0^\top)\|_F^2 = \|\Delta W\|_F^2 - \mathrm{tr}(A_0^\top \Delta W^\top\Delta W A_0)$."""
+    dW, A0 = dW.double(), A0.double()
+    return dW.pow(2).sum() - (dW @ A0).pow(2).sum()
+
+
+def variance_term(Z, Y, A0, n_samples, damping=1e-6):
+    r"""Eq. 7: the estimation noise inside span(A0), $\frac{\mathrm{tr}(Y^{-1})}{N}\,\mathrm{tr}(A_0^\top Z^{-1}A_0)$."""
+    Zinv = torch.cholesky_inverse(damped_cholesky(Z.double(), damping, "Z"))
+    A0 = A0.double()
+    return trace_Y_inv(Y, damping) / n_samples * (A0.T @ Zinv @ A0).trace()
+
+
+def objective(dW, Z, Y, A0, n_samples, alpha=1.0, beta=1.0, damping=1e-6):
+    """Eq. 8: α·bias + β·variance, the asymptotic risk of LoRA with input subspace A0."""
+    return alpha * bias_term(dW, A0) + beta * variance_term(Z, Y, A0, n_samples, damping)
+
+
+# =============================================================================
+# 4. The solution: smallest eigenvectors of the guidance matrix (theory.md Eqs. 9-10)
+# =============================================================================
+
+def guidance_matrix(dW, Zinv, trY_inv, n_samples, alpha, beta):
+    r"""Eq. 9: $M = -\alpha\,\Delta W^\top\Delta W + \beta\,\frac{\mathrm{tr}(Y^{-1})}{N} Z^{-1}$, so that
+    Eq. 8 = α‖ΔW‖² + tr(A0ᵀ M A0)."""
+    M = -alpha * dW.T @ dW
+    if beta != 0:
+        M = M + beta * (trY_inv / n_samples) * Zinv
+    return (M + M.T) / 2
+
+
+def canonical_signs(V):
+    """Flip each column so its largest-|.| entry is positive: eigenvectors are defined up to sign."""
+    idx = V.abs().argmax(dim=0)
+    s = torch.sign(V[idx, torch.arange(V.shape[1])])
+    s[s == 0] = 1
+    return V * s
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed that does not depend on the order layers are visited in."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def smallest_eigenvectors(M, r, solver="eigh", seed=0):
+    """Eq. 10 (Ky Fan): the minimum of tr(A0ᵀ M A0) over orthonormal (d, r) A0 is the sum of M's r
+    smallest eigenvalues, reached by their eigenvectors. Returns (A0, solver actually used)."""
+    d = M.shape[0]
+    if solver not in ("eigh", "lobpcg"):
+        raise ValueError(f"solver must be 'eigh' or 'lobpcg', got {solver!r}")
+    if solver == "lobpcg" and d >= 3 * r:  # torch.lobpcg needs n >= 3k
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        X0, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=M.dtype).to(M.device))
+        try:
+            evals, V = torch.lobpcg(M, k=r, X=X0, largest=False, niter=200, tol=1e-9)
+            residual = (M @ V - V * evals).norm() / M.norm().clamp_min(1e-300)
+            if torch.isfinite(V).all() and residual < 1e-5:
+                return canonical_signs(V), "lobpcg"
+        except Exception:  # LOBPCG can break down on (nearly) degenerate spectra: dense solve instead
+            pass
+    evals, V = torch.linalg.eigh(M)  # ascending
+    return canonical_signs(V[:, :r]), "eigh"
+
+
+# =============================================================================
+# 5. The factors (theory.md Eq. 11)
+# =============================================================================
+
+def lora_da_solve(G, Z, Y, rank, n_samples, *, alpha=1.0, beta=0.03, gamma=1024.0, damping=1e-6,
+                  normalize=True, solver="eigh", seed=0, name=""):
+    """Eqs. 5-11 for one layer; returns a dict with lora_A, lora_B and the diagnostics."""
+    _check_inputs(G, Z, Y, name)
+    d_out, d_in = G.shape
+    if not isinstance(rank, int) or not 1 <= rank <= d_in:
+        raise ValueError(f"rank must be an integer in [1, d_in={d_in}], got {rank}")
+    if alpha < 0 or beta < 0 or (alpha == 0 and beta == 0):
+        raise ValueError(f"need alpha >= 0 and beta >= 0, not both zero; got alpha={alpha}, beta={beta}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples (N, the fine-tuning set size) must be >= 1, got {n_samples}")
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0, got {damping}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+
+    # ΔW = −Y⁻¹ G Z⁻¹                                                         (Eq. 5)
+    dW = natural_gradient(G, Z, Y, damping, name)
+    # σ = ‖ΔW‖₂; ΔW ← ΔW/σ, and the variance coefficient ← c/σ², as the authors' code (Eq. 11)
+    sigma = torch.linalg.matrix_norm(dW, ord=2).item()
+    if normalize:
+        if sigma == 0:
+            raise ValueError(f"the natural-gradient step is zero{' in layer ' + name if name else ''}: G = 0?")
+        dW = dW / sigma
+        n_eff = n_samples * sigma ** 2      # tr(Y⁻¹)/(N σ²)  ==  tr(Y⁻¹)/n_eff
+    else:
+        n_eff = n_samples
+    Zinv = torch.cholesky_inverse(damped_cholesky(Z.double(), damping, "Z", name))
+    trYi = trace_Y_inv(Y, damping)
+    # M = −α ΔWᵀΔW + β tr(Y⁻¹)/N Z⁻¹                                          (Eq. 9)
+    M = guidance_matrix(dW, Zinv, trYi, n_eff, alpha, beta)
+    # A0 = the r eigenvectors of M with the smallest eigenvalues              (Eq. 10)
+    A0, used = smallest_eigenvectors(M, rank, solver, seed)
+    # lora_A = A0ᵀ/√γ, lora_B = ΔW A0/√γ, so B A = ΔW A0 A0ᵀ/γ                (Eq. 11)
+    lora_A = A0.T / math.sqrt(gamma)
+    lora_B = dW @ A0 / math.sqrt(gamma)
+    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+        raise ValueError(f"non-finite LoRA-DA factor{' in layer ' + name if name else ''}; raise the damping")
+    bias = (dW.pow(2).sum() - (dW @ A0).pow(2).sum()).item()
+    var = (trYi / n_eff * (A0.T @ Zinv @ A0).trace()).item()
+    return {"lora_A": lora_A.float(), "lora_B": lora_B.float(), "A0": A0, "dW": dW, "sigma": sigma,
+            "bias": bias, "variance": var, "solver": used}
+
+
+def lora_da_factors(G, Z, Y, rank, n_samples, *, alpha=1.0, beta=0.03, gamma=1024.0, damping=1e-6,
+                    normalize=True, solver="eigh", seed=0):
+    """The closed form of LoRA-DA for one layer (Eqs. 5-11): (lora_A (r, d_in), lora_B (d_out, r)), fp32."""
+    out = lora_da_solve(G, Z, Y, rank, n_samples, alpha=alpha, beta=beta, gamma=gamma, damping=damping,
+                        normalize=normalize, solver=solver, seed=seed)
+    return out["lora_A"], out["lora_B"]
+
+
+# =============================================================================
+# 6. The peer initializations, each as its authors released it (see ../shared/paper/peer-recipes.md)
+# =============================================================================
+
+def svd_canonical(W):
+    """Full SVD in fp64 with each singular pair's sign fixed (largest-|.| entry of u positive)."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    idx = U.abs().argmax(dim=0)
+    s = torch.sign(U[idx, torch.arange(U.shape[1])])
+    s[s == 0] = 1
+    return U * s, S, Vh * s[:, None]
+
+
+def lora_init(d_out, d_in, r, generator):
+    """LoRA (Hu et al. 2021; PEFT default): A ~ Kaiming-uniform(a=√5) = U(−1/√d_in, 1/√d_in), B = 0."""
+    A = (torch.rand(r, d_in, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
+    return A.float(), torch.zeros(d_out, r)
+
+
+def gaussian_init(d_out, d_in, r, generator):
+    """PEFT's "gaussian": A ~ N(0, (1/r)²), B = 0."""
+    return (torch.randn(r, d_in, generator=generator, dtype=torch.float64) / r).float(), torch.zeros(d_out, r)
+
+
+def pissa_init(W0, r, scaling):
+    """PiSSA (Meng et al. 2024): W0 = U S Vᵀ; A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s), so s·B A is the best
+    rank-r part of W0, which is then subtracted from W0 (W0 <- W0 − s·B A)."""
+    U, S, Vh = svd_canonical(W0)
+    root = (S[:r] / scaling).sqrt()
+    return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()
+
+
+def lora_ga_init(G, r, gamma=16.0):
+    """LoRA-GA (Wang et al. 2024, official code): G = U S Vᵀ; A = top-r right singular vectors,
+    B = the next r left singular vectors, both × d_out^¼/√γ; then W0 <- W0 − s·B A."""
+    d_out, d_in = G.shape
+    if 2 * r > min(d_out, d_in):
+        raise ValueError(f"LoRA-GA needs 2r <= min(d_out, d_in) = {min(d_out, d_in)}, got r={r}")
+    U, S, Vh = svd_canonical(G)
+    c = d_out ** 0.25 / math.sqrt(gamma)
+    return (Vh[:r] * c).float(), (U[:, r:2 * r] * c).float()
+
+
+def lora_one_init(G, r, gamma=128.0):
+    """LoRA-One (Zhang et al. 2025): −G = U S Vᵀ; B = U_r √S_r/√(σ1 γ), A = √S_r V_rᵀ/√(σ1 γ), so
+    B A = (−G)_r/(σ1 γ): one normalized gradient step. W0 is unchanged."""
+    U, S, Vh = svd_canonical(-G)
+    if S[0] == 0:
+        raise ValueError("LoRA-One: the gradient is zero")
+    root = S[:r].sqrt() / math.sqrt(S[0].item() * gamma)
+    return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()
+
+
+# =============================================================================
+# 7. Initializing a model
+# =============================================================================
+
+def lora_targets(model) -> dict:
+    """The model's LoRA layers (anything with lora_A, lora_B and an init_ method), by name."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "init_")}
+
+
+def layer_groups(names: list, per_pass: Optional[int]) -> list:
+    """Split layer names into passes of `per_pass` transformer blocks (by the N in 'layers.N.')."""
+    if not per_pass:
+        return [names]
+    if per_pass < 1:
+        raise ValueError(f"layers_per_pass must be >= 1, got {per_pass}")
+
+    def block(n):
+        parts = n.split(".")
+        return int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
+    blocks = sorted({block(n) for n in names})
+    chunks = [set(blocks[i:i + per_pass]) for i in range(0, len(blocks), per_pass)]
+    return [[n for n in names if block(n) in c] for c in chunks]
+
+
+def causal_lm_losses(model, batch):
+    """Per-sample loss of a causal LM: the mean cross-entropy over the sample's scored tokens
+    (targets != -100), as the HF loss of one sequence. batch: tokens, targets (B, T)."""
+    logits = model(batch["tokens"])                                 # (B, T, V)
+    tgt = batch["targets"]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
+                                           reduction="none").view(tgt.shape)
+    return ce.sum(1) / (tgt != -100).sum(1).clamp_min(1)
+
+
+METHODS = ("lora", "gaussian", "pissa", "ga", "one", "da")
+
+
+def initialize(model, method: str, samples: list = None, loss_fn: Callable = causal_lm_losses,
+               cfg: DAConfig = None, *, ga_gamma: float = 16.0, one_gamma: float = 128.0, one_samples: int = 8,
+               seed: int = 0, log: Callable = None) -> dict:
+    """Write the chosen initialization into every LoRA layer of `model`; returns a report.
+    All factors are computed first and written last, so an error leaves the model untouched."""
+    cfg = cfg or DAConfig()
+    log = log or (lambda *a: None)
+    layers = lora_targets(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers: call llama.add_lora(model, ...) first")
+    if method not in METHODS:
+        raise ValueError(f"unknown init {method!r}; choose from {', '.join(METHODS)}")
+    if method in ("ga", "one", "da") and not samples:
+        raise ValueError(f"init {method!r} needs target samples; got an empty sample set")
+    t0 = time.perf_counter()
+    report = {"method": method, "seconds": {}, "layers": {}}
+    factors = {}  # name -> (A, B, shift_W0)
+
+    if method in ("lora", "gaussian", "pissa"):
+        for n, m in layers.items():
+            d_out, d_in = weight_of(m).shape
+            gen = torch.Generator().manual_seed(layer_seed(seed, n))
+            if method == "pissa":
+                A, B = pissa_init(weight_of(m).detach().float(), m.r, m.scaling)
+                factors[n] = (A, B, True)
+            else:
+                A, B = (lora_init if method == "lora" else gaussian_init)(d_out, d_in, m.r, gen)
+                factors[n] = (A, B, False)
+        report["seconds"]["solve"] = time.perf_counter() - t0
+
+    elif method in ("ga", "one"):
+        used = samples[:one_samples] if method == "one" else samples
+        stats = kfac_statistics(model, used, loss_fn, layers, batch_size=cfg.batch_size, factors=False)
+        report["seconds"]["statistics"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for n, m in layers.items():
+            G = stats.G[n]
+            if not torch.isfinite(G).all():
+                raise ValueError(f"non-finite gradient in layer {n}")
+            if method == "ga":
+                A, B = lora_ga_init(G.cpu(), m.r, ga_gamma)
+                factors[n] = (A, B, True)
+            else:
+                A, B = lora_one_init(G.cpu(), m.r, one_gamma)
+                factors[n] = (A, B, False)
+        report["seconds"]["solve"] = time.perf_counter() - t1
+
+    else:  # LoRA-DA: statistics and solve, one group of transformer blocks at a time (bounded memory)
+        report["seconds"].update(statistics=0.0, solve=0.0)
+        groups = layer_groups(list(layers), cfg.layers_per_pass)
+        for gi, names in enumerate(groups):
+            t1 = time.perf_counter()
+            group = {n: layers[n] for n in names}
+            stats = kfac_statistics(model, samples, loss_fn, group, batch_size=cfg.batch_size,
+                                    token_mask=cfg.token_mask, y_full=cfg.y_full)
+            t2 = time.perf_counter()
+            report["seconds"]["statistics"] += t2 - t1
+            for n in names:
+                m = layers[n]
+                out = lora_da_solve(stats.G[n], stats.Z[n], stats.Y[n], m.r, cfg.n_samples, alpha=cfg.alpha,
+                                    beta=cfg.beta, gamma=cfg.gamma, damping=cfg.damping, normalize=cfg.normalize,
+                                    solver=cfg.solver, seed=layer_seed(cfg.seed, n), name=n)
+                factors[n] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
+                Yd = stats.Y[n] if stats.Y[n].dim() == 1 else stats.Y[n].diagonal()
+                report["layers"][n] = {"sigma": out["sigma"], "bias": out["bias"], "variance": out["variance"],
+                                       "Y_median": Yd.median().item(), "damping": cfg.damping,
+                                       "solver": out["solver"]}
+            report["seconds"]["solve"] += time.perf_counter() - t2
+            log(f"LoRA-DA pass {gi + 1}/{len(groups)}: {len(names)} layers, {stats.n_tokens} tokens, "
+                f"{time.perf_counter() - t1:.1f}s")
+            del stats
+
+    t3 = time.perf_counter()
+    for n, (A, B, shift) in factors.items():
+        m = layers[n]
+        m.init_(A.to(m.lora_A.device), B.to(m.lora_B.device), shift_W0=shift)
+    report["seconds"]["write"] = time.perf_counter() - t3
+    report["seconds"]["total"] = time.perf_counter() - t0
+    return report
