@@ -140,6 +140,9 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
             batch = collate(samples[start:start + batch_size])
             B = len(samples[start:start + batch_size])
             losses = loss_fn(model, {k: v.to(device) for k, v in batch.items()})  # (B,)
+            for n in names:  # forward order: the first layer whose output is not finite is the culprit
+                if not torch.isfinite(io[n][1]).all():
+                    raise ValueError(f"non-finite output of layer {n} on samples {start}..{start + B - 1}")
             if losses.shape != (B,):
                 raise ValueError(f"loss_fn must return one loss per sample, shape ({B},), got {tuple(losses.shape)}")
             if not torch.isfinite(losses).all():

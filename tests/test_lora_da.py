@@ -1,0 +1,278 @@
+"""lora_da.py as code: the statistics paths agree, the solve is deterministic, the peers are what their
+authors released, a model is initialized in place, and bad input is refused with the model untouched."""
+import copy
+
+import pytest
+import torch
+
+import llama
+import lora_da as L
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --- a tiny MLP -----------------------------------------------------------------
+
+def tiny_mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def mlp_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+def mlp_samples(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(5, generator=g), "y": torch.randint(0, 3, (), generator=g)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("y_full", [False, True])
+def test_loop_and_batched_statistics_agree_on_a_tiny_mlp(y_full):
+    model, samples = tiny_mlp(), mlp_samples(64)
+    layers = {"0": model[0], "2": model[2]}
+    loop = L.kfac_statistics(model, samples, mlp_loss, layers, batch_size=1, y_full=y_full)
+    batched = L.kfac_statistics(model, samples, mlp_loss, layers, batch_size=16, y_full=y_full)
+    for n in layers:
+        for a, b in ((batched.G[n], loop.G[n]), (batched.Z[n], loop.Z[n]), (batched.Y[n], loop.Y[n])):
+            assert rel(a, b) < 1e-5
+
+
+def test_loop_gradient_equals_the_exact_per_sample_gradients_and_one_sample_kfac_is_exact():
+    model, samples = tiny_mlp(), mlp_samples(32)
+    layers = {"0": model[0], "2": model[2]}
+    st = L.kfac_statistics(model, samples, mlp_loss, layers, y_full=True)
+    for n, layer in layers.items():
+        F, G = L.exact_fisher(model, samples, mlp_loss, layer)
+        assert rel(st.G[n], G) < 1e-5
+    # one sample, one token: vec(g xᵀ)vec(g xᵀ)ᵀ = g gᵀ ⊗ x xᵀ exactly, so K-FAC must equal the exact Fisher
+    one = samples[:1]
+    st1 = L.kfac_statistics(model, one, mlp_loss, layers, y_full=True)
+    for n, layer in layers.items():
+        F, _ = L.exact_fisher(model, one, mlp_loss, layer)
+        assert rel(torch.kron(st1.Y[n], st1.Z[n]), F) < 1e-5
+
+
+def padded_samples(n, T=24, seed=0, vocab=512):
+    """Right-padded sequences of different lengths, one label token each (an SST-2-like shape)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(6, T + 1, (), generator=g))
+        tokens = torch.full((T,), 2)
+        tokens[:length] = torch.randint(3, vocab, (length,), generator=g)
+        tokens[0] = 1
+        targets = torch.full((T,), -100)
+        targets[length - 2] = tokens[length - 1]  # the last token is the "label"
+        out.append({"tokens": tokens, "targets": targets, "attention_mask": torch.arange(T) < length})
+    return out
+
+
+def test_loop_batched_and_exact_fisher_agree_on_the_tiny_llama(stories):
+    model = copy.deepcopy(stories)
+    llama.add_lora(model, r=4, alpha=8)
+    layers = L.lora_targets(model)
+    samples = padded_samples(12)
+    loop = L.kfac_statistics(model, samples, L.causal_lm_losses, layers, batch_size=1)
+    batched = L.kfac_statistics(model, samples, L.causal_lm_losses, layers, batch_size=6)
+    assert loop.n_tokens == batched.n_tokens == sum(int(s["attention_mask"].sum()) for s in samples)
+    worst = max(rel(a[n], b[n]) for n in layers for a, b in ((batched.G, loop.G), (batched.Z, loop.Z),
+                                                             (batched.Y, loop.Y)))
+    assert worst < 1e-5
+    # shared inputs share one Z tensor; different inputs do not
+    assert loop.Z["layers.0.attention.wq"] is loop.Z["layers.0.attention.wk"] is loop.Z["layers.0.attention.wv"]
+    assert loop.Z["layers.0.feed_forward.w1"] is loop.Z["layers.0.feed_forward.w3"]
+    assert loop.Z["layers.0.attention.wo"] is not loop.Z["layers.0.attention.wq"]
+    # G against per-sample weight gradients on a small layer
+    name = "layers.1.attention.wk"
+    _, G = L.exact_fisher(model, samples[:4], L.causal_lm_losses, layers[name])
+    assert rel(L.kfac_statistics(model, samples[:4], L.causal_lm_losses, {name: layers[name]}).G[name], G) < 1e-5
+    # a one-token sample: K-FAC equals the exact Fisher (wv: with one key, wk's output cannot change the loss)
+    name = "layers.1.attention.wv"
+    one = [{"tokens": torch.tensor([1]), "targets": torch.tensor([403]), "attention_mask": torch.tensor([True])}]
+    st = L.kfac_statistics(model, one, L.causal_lm_losses, {name: layers[name]}, y_full=True)
+    F, _ = L.exact_fisher(model, one, L.causal_lm_losses, layers[name])
+    assert rel(torch.kron(st.Y[name], st.Z[name]), F) < 1e-5
+    # the statistics pass restored requires_grad and mode
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_label_token_mask_counts_only_scored_tokens(stories):
+    model = copy.deepcopy(stories)
+    llama.add_lora(model, r=2, alpha=2, targets=("wo",))
+    samples = padded_samples(4)
+    st = L.kfac_statistics(model, samples, L.causal_lm_losses, L.lora_targets(model), token_mask="labels")
+    assert st.n_tokens == 4
+
+
+# --- the solve -------------------------------------------------------------------
+
+def random_stats(d_out=12, d_in=20, seed=0, y_full=False):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(200, d_in, generator=g) * torch.logspace(0, -1, d_in)
+    Gy = torch.randn(200, d_out, generator=g)
+    Z = X.T @ X / 200
+    Y = Gy.T @ Gy / 200 if y_full else (Gy ** 2).mean(0)
+    return torch.randn(d_out, d_in, generator=g), Z, Y
+
+
+def test_factors_have_the_closed_form_and_are_bit_identical_across_runs():
+    G, Z, Y = random_stats()
+    A, B = L.lora_da_factors(G, Z, Y, 4, 1000, beta=0.5)
+    A2, B2 = L.lora_da_factors(G, Z, Y, 4, 1000, beta=0.5)
+    assert torch.equal(A, A2) and torch.equal(B, B2)
+    out = L.lora_da_solve(G, Z, Y, 4, 1000, beta=0.5)
+    A0, dW = out["A0"], out["dW"]
+    # A0 orthonormal; lora_A = A0ᵀ/√γ; B A = ΔW A0 A0ᵀ/γ with ΔW = −Y⁻¹GZ⁻¹/σ
+    torch.testing.assert_close(A0.T @ A0, torch.eye(4, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(A.double(), A0.T / 32, atol=1e-7, rtol=1e-6)
+    raw = -torch.diag(1 / (Y.double() + 1e-6)) @ G.double() @ torch.linalg.inv(Z.double() + 1e-6 * torch.eye(20))
+    torch.testing.assert_close(dW, raw / torch.linalg.matrix_norm(raw, 2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close((B @ A).double(), dW @ A0 @ A0.T / 1024, atol=1e-8, rtol=1e-5)
+    # signs fixed: each column's largest-|.| entry is positive
+    assert (A0.gather(0, A0.abs().argmax(0, keepdim=True)) > 0).all()
+
+
+def test_beta_zero_picks_the_top_right_singular_subspace_of_the_natural_gradient():
+    G, Z, Y = random_stats(y_full=True)
+    out = L.lora_da_solve(G, Z, Y, 3, 1000, beta=0.0)
+    V = torch.linalg.svd(out["dW"])[2][:3].T
+    torch.testing.assert_close(out["A0"] @ out["A0"].T, V @ V.T, atol=1e-8, rtol=0)
+
+
+def test_lobpcg_finds_the_same_subspace_as_the_dense_solve_and_falls_back_when_too_small():
+    G, Z, Y = random_stats(d_out=16, d_in=64, seed=3)
+    dense = L.lora_da_solve(G, Z, Y, 4, 500, beta=1.0)
+    lob = L.lora_da_solve(G, Z, Y, 4, 500, beta=1.0, solver="lobpcg", seed=1)
+    assert lob["solver"] == "lobpcg"
+    torch.testing.assert_close(lob["A0"] @ lob["A0"].T, dense["A0"] @ dense["A0"].T, atol=1e-5, rtol=0)
+    small = L.lora_da_solve(*random_stats(d_in=10), 4, 500, solver="lobpcg")  # 10 < 3·4
+    assert small["solver"] == "eigh"
+
+
+def test_objective_is_the_trace_of_the_guidance_matrix_plus_a_constant():
+    G, Z, Y = random_stats(seed=4)
+    dW = L.natural_gradient(G, Z, Y)
+    Zinv = torch.linalg.inv(Z.double() + 1e-6 * torch.eye(20, dtype=torch.float64))
+    M = L.guidance_matrix(dW, Zinv, L.trace_Y_inv(Y), 300, 1.0, 0.2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        A0, _ = torch.linalg.qr(torch.randn(20, 3, generator=g, dtype=torch.float64))
+        lhs = L.objective(dW, Z, Y, A0, 300, alpha=1.0, beta=0.2)
+        assert lhs.item() == pytest.approx((dW.pow(2).sum() + (A0.T @ M @ A0).trace()).item(), rel=1e-8)
+
+
+# --- the peers ---------------------------------------------------------------------
+
+def test_peer_factors_follow_their_papers():
+    g = torch.Generator().manual_seed(0)
+    W0, G = torch.randn(12, 20, generator=g), torch.randn(12, 20, generator=g)
+    s, r = 16 / 8 ** 0.5, 4
+    A, B = L.pissa_init(W0, r, s)
+    U, S, Vh = torch.linalg.svd(W0.double(), full_matrices=False)
+    torch.testing.assert_close((s * B @ A).double(), U[:, :r] @ torch.diag(S[:r]) @ Vh[:r], atol=1e-5, rtol=1e-5)
+    A, B = L.lora_ga_init(G, r, gamma=16)
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    c = 12 ** 0.25 / 4
+    torch.testing.assert_close((A.double() @ A.double().T), c ** 2 * torch.eye(r, dtype=torch.float64), atol=1e-6, rtol=0)
+    # B spans the next r left singular vectors, A the top r right ones
+    Pb, Pu = B.double() @ torch.linalg.pinv(B.double()), U[:, r:2 * r] @ U[:, r:2 * r].T
+    torch.testing.assert_close(Pb, Pu, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.double().T @ A.double() / c ** 2, Vh[:r].T @ Vh[:r], atol=1e-5, rtol=0)
+    A, B = L.lora_one_init(G, r, gamma=128)
+    U, S, Vh = torch.linalg.svd(-G.double(), full_matrices=False)
+    torch.testing.assert_close((B @ A).double(), U[:, :r] @ torch.diag(S[:r]) @ Vh[:r] / (S[0] * 128),
+                               atol=1e-6, rtol=1e-5)
+    A, B = L.lora_init(12, 20, r, g)
+    assert A.abs().max() <= 20 ** -0.5 and B.abs().max() == 0
+
+
+@pytest.mark.parametrize("method,unchanged", [("lora", True), ("gaussian", True), ("pissa", True), ("ga", True),
+                                              ("one", False), ("da", False)])
+def test_step_zero_output_equals_the_base_model_exactly_when_the_method_says_so(stories, method, unchanged):
+    base = copy.deepcopy(stories)
+    model = copy.deepcopy(stories)
+    llama.add_lora(model, r=4, alpha=16, rslora=True)
+    samples = padded_samples(8)
+    L.initialize(model, method, samples, cfg=L.DAConfig(n_samples=1000))
+    tokens = torch.stack([s["tokens"] for s in samples[:2]])
+    with torch.no_grad():
+        gap = (model(tokens) - base(tokens)).abs().max().item()
+    if unchanged:
+        assert gap < 1e-4  # fp32 round-off of W0 − s·B A + s·B A
+    else:
+        assert gap > 1e-4  # LoRA-One and LoRA-DA start one small step away from W0
+
+
+def test_initialize_da_writes_every_layer_and_reports_each_stage(stories):
+    model = copy.deepcopy(stories)
+    layers = llama.add_lora(model, r=4, alpha=16, rslora=True)
+    samples = padded_samples(8)
+    W0 = {n: m.base.weight.clone() for n, m in layers.items()}
+    rep = L.initialize(model, "da", samples, cfg=L.DAConfig(n_samples=1000, layers_per_pass=2, batch_size=4))
+    assert set(rep["layers"]) == set(layers)
+    assert {"statistics", "solve", "write", "total"} <= set(rep["seconds"])
+    for n, m in layers.items():
+        assert torch.equal(m.base.weight, W0[n])                      # W0 is not changed
+        torch.testing.assert_close(m.lora_A @ m.lora_A.T, torch.eye(4) / 1024, atol=1e-6, rtol=0)
+        info = rep["layers"][n]
+        assert info["sigma"] > 0 and info["bias"] >= -1e-9 and info["variance"] > 0 and info["Y_median"] > 0
+    # grouping the statistics passes changes nothing
+    other = copy.deepcopy(stories)
+    llama.add_lora(other, r=4, alpha=16, rslora=True)
+    L.initialize(other, "da", samples, cfg=L.DAConfig(n_samples=1000, batch_size=4))
+    for n, m in L.lora_targets(other).items():
+        torch.testing.assert_close(m.lora_B, layers[n].lora_B, atol=1e-6, rtol=1e-4)
+
+
+# --- bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rank=0), r"rank must be an integer in \[1, d_in=20\]"),
+    (dict(rank=21), r"rank must be an integer in \[1, d_in=20\]"),
+    (dict(alpha=-1.0), "need alpha >= 0 and beta >= 0"),
+    (dict(beta=-0.1), "need alpha >= 0 and beta >= 0"),
+    (dict(alpha=0.0, beta=0.0), "not both zero"),
+    (dict(n_samples=0), "n_samples"),
+    (dict(damping=0.0), "damping must be > 0"),
+])
+def test_impossible_settings_are_refused(kwargs, message):
+    G, Z, Y = random_stats()
+    args = dict(rank=4, n_samples=100)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        L.lora_da_factors(G, Z, Y, args.pop("rank"), args.pop("n_samples"), **args)
+
+
+def test_bad_shapes_non_finite_and_indefinite_factors_are_refused():
+    G, Z, Y = random_stats()
+    with pytest.raises(ValueError, match=r"Z must be \(20, 20\) to fit G \(12, 20\)"):
+        L.lora_da_factors(G, Z[:10, :10], Y, 4, 100)
+    with pytest.raises(ValueError, match=r"Y must be \(12,\) or \(12, 12\)"):
+        L.lora_da_factors(G, Z, Y[:5], 4, 100)
+    Gn = G.clone()
+    Gn[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="G has NaN or inf entries in layer layers.3.wq"):
+        L.lora_da_solve(Gn, Z, Y, 4, 100, name="layers.3.wq")
+    with pytest.raises(ValueError, match=r"not positive definite after damping 1e-06 .*use a larger damping"):
+        L.lora_da_factors(G, Z - 2 * torch.eye(20), Y, 4, 100)
+
+
+def test_failed_initialization_leaves_the_model_untouched(stories):
+    model = copy.deepcopy(stories)
+    layers = llama.add_lora(model, r=4, alpha=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        L.initialize(model, "da", padded_samples(4), cfg=L.DAConfig(damping=0.0))
+    with pytest.raises(ValueError, match="empty sample set"):
+        L.initialize(model, "da", [], cfg=L.DAConfig())
+    with torch.no_grad():
+        layers["layers.2.feed_forward.w1"].base.weight[0, 0] = float("nan")
+    before["layers.2.feed_forward.w1.base.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layers.2.feed_forward.w1"):
+        L.initialize(model, "da", padded_samples(4), cfg=L.DAConfig())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or (before[k].isnan() == after[k].isnan()).all() for k in before)
+    assert all(torch.equal(torch.nan_to_num(before[k]), torch.nan_to_num(after[k])) for k in before)
