@@ -271,6 +271,28 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32) -> Transformer:
     return _build(args, sd, device, dtype, source=path)
 
 
+def read_args(path) -> ModelArgs:
+    """The model's shape from a checkpoint's config or header alone, no weights read (for dry runs)."""
+    path = Path(path)
+    if (path / "params.json").is_file():
+        p = json.loads((path / "params.json").read_text())
+        return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
+                         vocab_size=p["vocab_size"] if p.get("vocab_size", -1) > 0 else 32000,
+                         hidden_dim=p.get("hidden_dim"), multiple_of=p.get("multiple_of", 256),
+                         ffn_dim_multiplier=p.get("ffn_dim_multiplier"), max_seq_len=p.get("max_seq_len", 4096),
+                         tie_embeddings=False)
+    if (path / "config.json").is_file():
+        c = json.loads((path / "config.json").read_text())
+        return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                         n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
+                         hidden_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 4096),
+                         tie_embeddings=c.get("tie_word_embeddings", False))
+    if path.is_file():
+        return _read_llama2c(path)[0]
+    raise CheckpointError(f"checkpoint not found: {path} (expected a llama2.c .bin file, a Meta folder with "
+                          f"params.json, a Hugging Face folder with config.json, or a preset: {', '.join(PRESETS)})")
+
+
 def _build(args: ModelArgs, sd: dict, device, dtype, source) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)

@@ -1,0 +1,666 @@
+"""
+Fine-tune a real LLaMA with LoRA, initialized by LoRA-DA or one of its peers, and compare them.
+
+    python train.py --init da                                   # stories260K on SST-2, minutes on a laptop CPU
+    python train.py --init lora,pissa,ga,one,da --seeds 3       # side by side: compare.md, compare.png
+    python train.py --task gsm8k --init da                      # the paper's headline NLG task
+    python train.py --checkpoint llama2-7b --dry-run            # memory of each stage, nothing allocated
+    python train.py --checkpoint /models/llama-2-7b --tokenizer /models/tokenizer.model \\
+        --dtype bf16 --device cuda --layers-per-pass 8 --lr 2e-4 --init da          # one GPU
+
+Reads the real data from --data-dir, $LORA_DA_DATA, ./data or ../shared/data (see README.md).
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+import llama
+import lora_da
+
+ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# settings: one grouped block of defaults; argparse is built from it, so `python train.py --init da` just works.
+# Where a tiny model needs something else than the LoRA-DA paper's 7B runs, the comment says so.
+
+SETTINGS = {
+    "method": {
+        "init": ("da", "initialization(s): lora, gaussian, pissa, ga, one, da; a comma list, or all"),
+        "seeds": (1, "run each method with this many seeds (seed, seed+1, ...) and write compare.md"),
+        "seed": (9, "random seed (the authors' runs use 9)"),
+    },
+    "model": {
+        "checkpoint": (None, "llama2.c .bin, Meta or HF folder, or a preset (llama2-7b) for --dry-run; default stories260K"),
+        "tokenizer": (None, "sentencepiece .model file; default: stories260K's tok512.model"),
+        "device": ("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)"),
+        "dtype": ("fp32", "base weights dtype: fp32, bf16 or fp16 (LoRA and all statistics stay fp32)"),
+    },
+    "data": {
+        "task": ("sst2", "sst2 (GLUE SST-2, accuracy on dev.tsv) or gsm8k (exact match of the final number)"),
+        "data_dir": (None, "folder with stories260K/, sst2/, gsm8k/ (else $LORA_DA_DATA, ./data, ../shared/data)"),
+        "download": (False, "download missing data files from their canonical homes and check sha256"),
+        "max_len": (0, "longest sequence in tokens, prompts truncated from the left (0: 128 for sst2, the context for gsm8k)"),
+        "train_limit": (0, "use only the first N training examples (0: all)"),
+        "eval_limit": (0, "evaluate on the first N test examples (0: all 872 for sst2, 50 for gsm8k)"),
+    },
+    "lora": {
+        "rank": (8, "LoRA rank r (paper: 8)"),
+        "lora_alpha": (16.0, "LoRA alpha (paper: 16)"),
+        "rslora": (True, "scale by alpha/sqrt(r) (rsLoRA, paper: on) instead of alpha/r"),
+        "targets": ("wq,wk,wv,wo,w1,w2,w3", "comma list of target modules (paper: all seven projections)"),
+        "dropout": (0.0, "LoRA dropout (paper: 0)"),
+        "freeze_A": (False, "freeze A and train B only (LoRA-FA, the setting of the LoRA-DA theory)"),
+    },
+    "init": {
+        "init_samples": (256, "target samples for the init statistics (paper: 256, the head of the train set)"),
+        "beta": (0.03, "LoRA-DA beta, weight of the variance term (paper: 0.03)"),
+        "gamma": (1024.0, "LoRA-DA gamma: B A = dW A0 A0^T / gamma (paper: 1024)"),
+        "damping": (1e-6, "LoRA-DA damping lambda on Z and Y (paper: 1e-6)"),
+        "n_train": (0, "LoRA-DA N in the variance term (0: the training set size, as the paper)"),
+        "token_mask": ("all", "tokens counted in Z and Y: all non-padding (paper) or labels"),
+        "y_full": (False, "full output factor Y instead of its diagonal (paper: diagonal)"),
+        "stats_batch_size": (16, "samples per statistics pass (1: the explicit per-sample loop; same numbers)"),
+        "layers_per_pass": (0, "transformer blocks per statistics pass, bounds memory on 7B (paper: 8; 0: all)"),
+        "solver": ("eigh", "eigensolver for A0: eigh (dense) or lobpcg (large d_in)"),
+        "ga_gamma": (16.0, "LoRA-GA gamma (its paper: 16)"),
+        "one_gamma": (128.0, "LoRA-One gamma (its paper: 128)"),
+        "one_samples": (8, "LoRA-One gradient samples (its paper: 8)"),
+    },
+    "optim": {
+        "lr": (2e-3, "peak learning rate of AdamW (paper: 2e-4 on 7B; a 260K model needs a larger one)"),
+        "steps": (1200, "optimizer steps (paper: 1 epoch of 100k; here a budget that fits minutes on a CPU)"),
+        "batch_size": (32, "sequences per micro-batch (paper: 8)"),
+        "grad_accum": (1, "micro-batches per step (paper: 4, for an effective 32)"),
+        "warmup": (0.03, "warmup fraction of the steps (paper: 0.03), then cosine decay to 0"),
+        "weight_decay": (0.0, "AdamW weight decay (paper: 0)"),
+        "grad_clip": (1.0, "clip the gradient norm to this (0: off)"),
+    },
+    "io": {
+        "out_dir": ("out", "output folder: config.json, metrics.json, adapter.pt, loss.png, ckpt.pt"),
+        "eval_interval": (200, "evaluate every N steps (0: only at step 0 and at the end)"),
+        "log_interval": (50, "print a progress line every N steps"),
+        "resume": (False, "continue from out_dir/ckpt.pt"),
+        "save_merged": (False, "also write the merged model in Meta's format to out_dir/merged/"),
+        "dry_run": (False, "print the parameter count and the memory of each stage, allocate nothing, exit"),
+    },
+}
+CHOICES = {"task": ("sst2", "gsm8k"), "dtype": ("fp32", "bf16", "fp16"), "token_mask": ("all", "labels"),
+           "solver": ("eigh", "lobpcg")}
+METHODS = lora_da.METHODS
+
+
+class UsageError(ValueError):
+    pass
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for group, items in SETTINGS.items():
+        g = p.add_argument_group(group)
+        for name, (default, help_) in items.items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(default, bool):
+                g.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+            else:
+                kind = type(default) if default is not None else str
+                g.add_argument(flag, default=default, type=kind, choices=CHOICES.get(name), help=help_)
+    cfg = p.parse_args(argv)
+    methods = list(METHODS) if cfg.init == "all" else [m.strip() for m in cfg.init.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        p.error(f"--init {cfg.init!r}: unknown {bad}; choose from {', '.join(METHODS)} (comma list) or all")
+    cfg.methods = methods
+    for name in ("lr", "steps", "batch_size", "grad_accum", "rank", "seeds", "init_samples", "stats_batch_size"):
+        if getattr(cfg, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("beta", "weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit",
+                 "eval_limit", "n_train", "layers_per_pass"):
+        if getattr(cfg, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup < 1:
+        p.error(f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}")
+    if cfg.damping <= 0 or cfg.gamma <= 0:
+        p.error("--damping and --gamma must be > 0")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# data: find the real files, or download them and check their sha256
+
+FILES = {  # relative path -> (canonical URL, sha256)
+    "stories260K/stories260K.bin": ("https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/stories260K.bin",
+                                    "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"),
+    "stories260K/tok512.model": ("https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/tok512.model",
+                                 "dfff07d929db979913f166ec94a6f5ecad4c70cfed8eb5c9cbe7e464455e46f5"),
+    "sst2/train.tsv": ("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip (SST-2/train.tsv)",
+                       "8621df47b79e9b3fa010405ef4dd506cbf483319cf851f20f2b6773f61d387b5"),
+    "sst2/dev.tsv": ("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip (SST-2/dev.tsv)",
+                     "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"),
+    "gsm8k/train.jsonl": ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl",
+                          "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
+    "gsm8k/test.jsonl": ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl",
+                         "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
+}
+
+
+def data_dirs(cfg):
+    dirs = [cfg.data_dir, os.environ.get("LORA_DA_DATA"), "data", ROOT.parent / "shared" / "data"]
+    return [Path(d) for d in dirs if d]
+
+
+def find_data(cfg, needed):
+    """The first data folder that has every needed file; else download (--download) or say what is missing."""
+    for d in data_dirs(cfg):
+        if all((d / f).is_file() for f in needed):
+            return d
+    if cfg.download:
+        return download(Path(cfg.data_dir or "data"), needed)
+    lines = [f"{f}  from {FILES[f][0]}  sha256 {FILES[f][1]}" for f in needed]
+    raise UsageError(f"data files not found in {', '.join(str(d) for d in data_dirs(cfg))}; need: "
+                     + "; ".join(lines) + " (or run with --download)")
+
+
+def download(dest: Path, needed):
+    for f in needed:
+        target = dest / f
+        if target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        url = FILES[f][0].split(" ")[0]
+        print(f"downloading {url}")
+        tmp = target.with_name(target.name + ".tmp")
+        with urllib.request.urlopen(url) as r, open(tmp, "wb") as out:
+            shutil.copyfileobj(r, out)
+        if url.endswith(".zip"):  # GLUE ships SST-2 as a zip
+            import zipfile
+            with zipfile.ZipFile(tmp) as z:
+                for name in ("train.tsv", "dev.tsv"):
+                    part = target.parent / (name + ".tmp")
+                    part.write_bytes(z.read(f"SST-2/{name}"))
+                    os.replace(part, target.parent / name)
+            tmp.unlink()
+        else:
+            os.replace(tmp, target)
+    for f in needed:
+        digest = hashlib.sha256((dest / f).read_bytes()).hexdigest()
+        if digest != FILES[f][1]:
+            raise UsageError(f"{dest / f}: sha256 {digest}, expected {FILES[f][1]}; delete it and download again")
+    return dest
+
+
+# -----------------------------------------------------------------------------
+# tasks: each example becomes (prompt ids, answer ids); the loss is on the answer ids only
+
+SST2_PROMPT = "Review: {sentence}\nThe reviewer was"
+SST2_WORDS = (" sad", " happy")  # label 0, label 1: the model scores their first tokens
+
+
+def read_sst2(path):
+    rows = path.read_text().splitlines()
+    if not rows or rows[0].split("\t")[:2] != ["sentence", "label"]:
+        raise UsageError(f"{path}: expected a GLUE SST-2 tsv with header 'sentence<TAB>label'")
+    out = []
+    for i, row in enumerate(rows[1:], start=2):
+        sentence, _, label = row.rpartition("\t")
+        if label not in ("0", "1"):
+            raise UsageError(f"{path}:{i}: label must be 0 or 1, got {label!r}")
+        out.append((sentence.strip(), int(label)))
+    return out
+
+
+def read_gsm8k(path):
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            ex = json.loads(line)
+            out.append((ex["question"], ex["answer"]))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UsageError(f"{path}:{i}: expected a JSON object with question and answer ({e})")
+    return out
+
+
+def final_number(text):
+    """GSM8K's answer: the number after '####', else the last number in the text."""
+    m = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
+    nums = [m.group(1)] if m else re.findall(r"-?[\d,]*\.?\d+", text)
+    if not nums:
+        return None
+    try:
+        return float(nums[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+class Task:
+    """Examples as token ids, truncation (counted, never silent) and batching."""
+
+    def __init__(self, cfg, tok, data_dir, context):
+        self.name, self.tok = cfg.task, tok
+        self.max_len = min(cfg.max_len or (128 if cfg.task == "sst2" else context), context)
+        if cfg.task == "sst2":
+            self.train = read_sst2(data_dir / "sst2" / "train.tsv")
+            self.test = read_sst2(data_dir / "sst2" / "dev.tsv")
+            self.words = [tok.encode(w, bos=False) for w in SST2_WORDS]
+        else:
+            self.train = read_gsm8k(data_dir / "gsm8k" / "train.jsonl")
+            self.test = read_gsm8k(data_dir / "gsm8k" / "test.jsonl")
+        if cfg.train_limit:
+            self.train = self.train[:cfg.train_limit]
+        self.test = self.test[:cfg.eval_limit or (len(self.test) if cfg.task == "sst2" else 50)]
+        self.truncated = {"train": 0, "test": 0}
+        self._cache = {}
+
+    def encode(self, split, i):
+        key = (split, i)
+        if key not in self._cache:
+            ex = (self.train if split == "train" else self.test)[i]
+            if self.name == "sst2":
+                prompt = self.tok.encode(SST2_PROMPT.format(sentence=ex[0]), bos=True)
+                answer = self.words[ex[1]]
+            else:
+                prompt = self.tok.encode(f"Q: {ex[0]}\nA: ", bos=True)
+                answer = self.tok.encode(ex[1], bos=False, eos=True)
+            over = len(prompt) + len(answer) - self.max_len
+            if over > 0:  # keep BOS and the answer; cut the oldest prompt tokens (then the answer's tail)
+                self.truncated[split] += 1
+                keep = max(1, len(prompt) - over)
+                prompt = prompt[:1] + prompt[len(prompt) - keep + 1:] if keep > 1 else prompt[:1]
+                answer = answer[:self.max_len - len(prompt)]
+            self._cache[key] = (prompt, answer)
+        return self._cache[key]
+
+    def batch(self, split, indices, pad_id):
+        """tokens, targets (−100 except on answer tokens), attention_mask: (B, T), right-padded."""
+        pairs = [self.encode(split, i) for i in indices]
+        T = max(len(p) + len(a) for p, a in pairs) - 1
+        tokens = torch.full((len(pairs), T), pad_id)
+        targets = torch.full((len(pairs), T), -100)
+        mask = torch.zeros(len(pairs), T, dtype=torch.bool)
+        for b, (p, a) in enumerate(pairs):
+            seq = p + a
+            tokens[b, :len(seq) - 1] = torch.tensor(seq[:-1])
+            targets[b, len(p) - 1:len(seq) - 1] = torch.tensor(a)  # position t predicts token t+1
+            mask[b, :len(seq) - 1] = True
+        return {"tokens": tokens, "targets": targets, "attention_mask": mask}
+
+    def samples(self, n, pad_id):
+        """The head of the training set as single samples (no batch dim), padded to one length."""
+        b = self.batch("train", range(min(n, len(self.train))), pad_id)
+        return [{k: v[i] for k, v in b.items()} for i in range(len(b["tokens"]))]
+
+
+# -----------------------------------------------------------------------------
+# memory plan for --dry-run: arithmetic on shapes, nothing allocated
+
+def dry_run(cfg, args: llama.ModelArgs, device):
+    with torch.device("meta"):
+        model = llama.Transformer(args)
+    n_params = model.num_params()
+    bytes_w = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.dtype]
+    targets = cfg.targets.split(",")
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    per_block = [s for n, s in shapes.items() if n.startswith("layers.0.")]
+    blocks = cfg.layers_per_pass or args.n_layers
+    G = sum(o * i for o, i in per_block) * blocks * 4
+    shared = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "w1": "ffn_in", "w3": "ffn_in"}
+    z_dims = {shared.get(n.rsplit(".", 1)[-1], n): s[1] for n, s in shapes.items() if n.startswith("layers.0.")}
+    Z = sum(d * d for d in z_dims.values()) * blocks * 4
+    Y = sum((o * o if cfg.y_full else o) for o, _ in per_block) * blocks * 4
+    M = max(i for _, i in per_block) ** 2 * 8 * 3  # fp64: Z⁻¹, M and eigh workspace, one layer at a time
+    r = cfg.rank
+    lora = sum(r * (o + i) for o, i in shapes.values())
+    T = cfg.max_len or min(512, args.max_seq_len)
+    B = cfg.batch_size
+    hidden = llama.ffn_hidden_dim(args)
+    # activations kept for backward per block: ~ norms, q/k/v/o, attention out, SwiGLU (3 × hidden), residuals
+    act = B * T * (10 * args.dim + 4 * hidden) * bytes_w * args.n_layers + B * T * args.vocab_size * 4 * 2
+    rows = [("parameters", f"{n_params:,}"), ("weights", gib(n_params * bytes_w)),
+            (f"G, {blocks} blocks per pass (fp32)", gib(G)), (f"Z + Y, {blocks} blocks per pass (fp32)", gib(Z + Y)),
+            ("eigenproblem, one layer (fp64)", gib(M)),
+            (f"LoRA r={r} + AdamW state (fp32: param, grad, 2 moments)", gib(lora * 4 * 4)),
+            (f"activations, batch {B} x {T} tokens (estimate)", gib(act)),
+            ("peak, statistics pass", gib(n_params * bytes_w + G + Z + Y + act * 1 // B)),
+            ("peak, training", gib(n_params * bytes_w + lora * 16 + act))]
+    print(f"dry run: {cfg.checkpoint or 'stories260K'} on {device}, dtype {cfg.dtype}, {len(shapes)} LoRA layers")
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v:>14}")
+    return dict(rows)
+
+
+def gib(nbytes):
+    return f"{nbytes / 2 ** 30:.3f} GiB"
+
+
+# -----------------------------------------------------------------------------
+# one run: load -> wrap with LoRA -> the --init branch -> optimizer -> evaluate -> get_lr -> the loop
+
+
+def run(cfg, method, seed, out_dir: Path, log=print):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    needed = [f"{cfg.task}/{f}" for f in (("train.tsv", "dev.tsv") if cfg.task == "sst2" else ("train.jsonl", "test.jsonl"))]
+    if cfg.checkpoint is None or cfg.tokenizer is None:
+        needed += ["stories260K/stories260K.bin", "stories260K/tok512.model"]
+    data_dir = find_data(cfg, needed)
+    ckpt_path = Path(cfg.checkpoint or data_dir / "stories260K" / "stories260K.bin")
+    tok_path = Path(cfg.tokenizer or data_dir / "stories260K" / "tok512.model")
+
+    # model and tokenizer
+    t_start = time.perf_counter()
+    tok = llama.Tokenizer(tok_path)
+    model = llama.load_checkpoint(ckpt_path, device=device, dtype=dtype)
+    if tok.vocab_size != model.args.vocab_size:
+        raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects {model.args.vocab_size}")
+    task = Task(cfg, tok, data_dir, model.args.max_seq_len)
+    n_train = len(task.train)
+    log(f"[{method} seed {seed}] {ckpt_path.name}: {model.num_params():,} parameters on {device} ({cfg.dtype}); "
+        f"{cfg.task}: {n_train} train, {len(task.test)} test")
+
+    # evaluation: loss on the answer tokens; accuracy (sst2: the label word's first token wins;
+    # gsm8k: greedy decoding, exact match of the final number)
+    @torch.no_grad()
+    def evaluate(decode=True):
+        model.eval()
+        losses, correct = [], 0
+        for i in range(0, len(task.test), 64):
+            idx = list(range(i, min(i + 64, len(task.test))))
+            b = {k: v.to(device) for k, v in task.batch("test", idx, tok.pad_id).items()}
+            logits = model(b["tokens"])
+            losses += lora_da.causal_lm_losses(lambda _: logits, b).tolist()
+            if task.name == "sst2":
+                first = (b["targets"] != -100).float().argmax(1)          # position predicting the label word
+                at = logits[torch.arange(len(idx)), first]                 # (B, V)
+                pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
+                correct += int((pred == torch.tensor([task.test[j][1] for j in idx])).sum())
+        if task.name == "gsm8k" and decode:
+            for j in range(len(task.test)):
+                prompt, _ = task.encode("test", j)
+                room = min(256, model.args.max_seq_len - len(prompt))
+                new = list(model.generate(torch.tensor([prompt], device=device), room, 0.0,
+                                          stop_ids=(tok.eos_id, tok.bos_id)))
+                pred, gold = final_number(tok.decode(new)), final_number(task.test[j][1])
+                correct += int(pred is not None and pred == gold)
+        model.train()
+        return {"accuracy": correct / len(task.test), "loss": sum(losses) / len(losses)}
+
+    # LoRA on the chosen targets; only LoRA parameters train
+    layers = llama.add_lora(model, r=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.targets.split(","),
+                            rslora=cfg.rslora, dropout=cfg.dropout, freeze_A=cfg.freeze_A)
+    llama.mark_only_lora_trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    ckpt_file = out_dir / "ckpt.pt"
+    if cfg.resume and ckpt_file.is_file():
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        saved = {k: v for k, v in ckpt["config"].items() if k not in ("resume", "out_dir")}
+        now = {k: v for k, v in resolved(cfg, method, seed, n_train).items() if k not in ("resume", "out_dir")}
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise UsageError(f"{ckpt_file} was written with other settings ({', '.join(diff)}); use another --out-dir")
+        llama.load_lora(model, ckpt["adapter"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        step, metrics, history = ckpt["step"], ckpt["metrics"], ckpt["history"]
+        log(f"resumed from {ckpt_file} at step {step}")
+    else:
+        if cfg.resume:
+            log(f"no checkpoint at {ckpt_file}: starting from scratch")
+        step, history = 0, {"step": [], "loss": []}
+        metrics = {"method": method, "seed": seed, "zero_shot": evaluate(), "evals": []}
+        log(f"zero-shot: accuracy {metrics['zero_shot']['accuracy']:.4f}, loss {metrics['zero_shot']['loss']:.4f}")
+
+        # the initialization (timed): statistics from the head of the training set, as the authors
+        t0 = time.perf_counter()
+        samples = task.samples(cfg.init_samples, tok.pad_id) if method in ("ga", "one", "da") else None
+        da_cfg = lora_da.DAConfig(beta=cfg.beta, gamma=cfg.gamma, damping=cfg.damping, n_samples=cfg.n_train or n_train,
+                                  y_full=cfg.y_full, token_mask=cfg.token_mask, batch_size=cfg.stats_batch_size,
+                                  layers_per_pass=cfg.layers_per_pass or None, solver=cfg.solver, seed=seed)
+        report = lora_da.initialize(model, method, samples, cfg=da_cfg, ga_gamma=cfg.ga_gamma, one_gamma=cfg.one_gamma,
+                                    one_samples=cfg.one_samples, seed=seed, log=log)
+        metrics["init_seconds"] = time.perf_counter() - t0
+        metrics["init_report"] = report
+        llama.save_lora(model, out_dir / "init_adapter.pt")  # the init alone, reusable and convertible
+        # step 0: after the initialization, before any update (LoRA-DA and LoRA-One already moved the model)
+        metrics["step0"] = evaluate()
+        log(f"init {method}: {metrics['init_seconds']:.1f}s; step 0: accuracy {metrics['step0']['accuracy']:.4f}, "
+            f"loss {metrics['step0']['loss']:.4f}")
+        metrics["train_seconds"], metrics["train_tokens"] = 0.0, 0
+
+    # learning rate: linear warmup, then cosine decay to zero (as the paper's HF Trainer runs)
+    warmup = int(cfg.warmup * cfg.steps)
+
+    def get_lr(it):
+        if it < warmup:
+            return cfg.lr * (it + 1) / warmup
+        progress = (it - warmup) / max(1, cfg.steps - warmup)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # data order: a permutation per epoch, seeded by (seed, epoch), so step k always sees the same batch
+    per_step = cfg.batch_size * cfg.grad_accum
+
+    def batch_indices(it, micro):
+        start = it * per_step + micro * cfg.batch_size
+        idx = []
+        for k in range(start, start + cfg.batch_size):
+            epoch, pos = divmod(k, n_train)
+            perm = perm_cache.get(epoch)
+            if perm is None:
+                perm = perm_cache[epoch] = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+            idx.append(perm[pos])
+        return idx
+    perm_cache = {}
+
+    def save_checkpoint():
+        ckpt = {"step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "metrics": metrics, "history": history,
+                "config": resolved(cfg, method, seed, n_train)}
+        llama.atomic_save(ckpt, ckpt_file)
+
+    crash_at = int(os.environ.get("LORA_DA_CRASH_AT_STEP", "-1"))  # tests: die here as a power cut would
+    model.train()
+    t_train, tokens_seen, t_log = time.perf_counter(), 0, time.perf_counter()
+    while step < cfg.steps:
+        lr = get_lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            b = {k: v.to(device) for k, v in task.batch("train", batch_indices(step, micro), tok.pad_id).items()}
+            loss = lora_da.causal_lm_losses(model, b).mean() / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens_seen += int(b["attention_mask"].sum())
+        if not math.isfinite(loss_sum):
+            raise UsageError(f"loss became {loss_sum} at step {step}; lower --lr (now {cfg.lr:g}) or check the data"
+                             + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        history["step"].append(step)
+        history["loss"].append(loss_sum)
+
+        if step % cfg.log_interval == 0 or step == cfg.steps:
+            dt = time.perf_counter() - t_train
+            eta = dt / max(1, step - (history["step"][0] - 1)) * (cfg.steps - step)
+            log(f"step {step:5d}/{cfg.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | "
+                f"{tokens_seen / max(dt, 1e-9):,.0f} tok/s | ETA {eta:.0f}s")
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
+            ev = evaluate(decode=False) if task.name == "gsm8k" else evaluate()
+            metrics["evals"].append({"step": step, **ev})
+            log(f"eval step {step}: accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}")
+            save_checkpoint()
+        if step == crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    metrics["train_seconds"] += time.perf_counter() - t_train
+    metrics["train_tokens"] += tokens_seen
+    if "final" not in metrics or metrics.get("final_step") != step:
+        metrics["final"] = evaluate()
+        metrics["final_step"] = step
+        metrics["evals"].append({"step": step, **metrics["final"]})
+    metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
+    metrics["truncated"] = dict(task.truncated)
+    total = metrics["init_seconds"] + metrics["train_seconds"]
+    metrics["init_share"] = metrics["init_seconds"] / total if total else 0.0
+    metrics["history"] = history
+    save_checkpoint()
+    log(f"final: accuracy {metrics['final']['accuracy']:.4f}, loss {metrics['final']['loss']:.4f} "
+        f"(zero-shot {metrics['zero_shot']['accuracy']:.4f}); init {metrics['init_seconds']:.1f}s = "
+        f"{100 * metrics['init_share']:.1f}% of init+train; total {time.perf_counter() - t_start:.0f}s")
+
+    # outputs: the adapter (with what rebuilds a shifted W0), settings, metrics, the loss curve
+    llama.save_lora(model, out_dir / "adapter.pt")
+    llama.atomic_write_text(out_dir / "config.json", json.dumps(resolved(cfg, method, seed, n_train), indent=2))
+    llama.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    plot_loss(history, metrics, out_dir / "loss.png", f"{method} (seed {seed}) on {cfg.task}")
+    if cfg.save_merged:
+        merged = copy.deepcopy(model)
+        for layer in llama.lora_layers(merged).values():
+            layer.merge()
+        unwrap(merged)
+        llama.save_meta_checkpoint(merged, out_dir / "merged")
+        log(f"merged model written to {out_dir / 'merged'}")
+    return metrics
+
+
+def unwrap(model):
+    """Replace each (merged) LoRALinear by its base nn.Linear, so the state dict has Meta's names."""
+    for name, layer in llama.lora_layers(model).items():
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, layer.base)
+
+
+def resolved(cfg, method, seed, n_train):
+    """Every setting as used by this run (defaults filled in), for config.json and resume checks."""
+    d = {k: v for k, v in vars(cfg).items() if k not in ("methods", "init", "seeds", "seed")}
+    d.update(init=method, seed=seed, n_train=cfg.n_train or n_train, out_dir=str(cfg.out_dir))
+    return d
+
+
+# -----------------------------------------------------------------------------
+# plots and the side-by-side table
+
+def plot_loss(history, metrics, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["step"], history["loss"], alpha=0.3, label="train loss (per step)")
+    ax.plot(history["step"], smooth(history["loss"]), label="train loss (smoothed)")
+    ev = metrics["evals"]
+    ax.plot([0] + [e["step"] for e in ev], [metrics["step0"]["loss"]] + [e["loss"] for e in ev], "o-",
+            label="test loss (answer tokens)")
+    ax.set(title=title, xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def smooth(xs, k=25):
+    out, acc = [], []
+    for x in xs:
+        acc.append(x)
+        acc = acc[-k:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    s = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return m, s
+
+
+def compare(results, out_dir: Path, cfg):
+    """results: {method: [metrics per seed]} -> compare.md and compare.png."""
+    rows = ["| method | zero-shot acc | step-0 acc | final acc | final loss | init seconds |",
+            "|---|---|---|---|---|---|"]
+    for method, runs in results.items():
+        cols = []
+        for get in (lambda m: m["zero_shot"]["accuracy"], lambda m: m["step0"]["accuracy"],
+                    lambda m: m["final"]["accuracy"], lambda m: m["final"]["loss"], lambda m: m["init_seconds"]):
+            mu, sd = mean_std([get(m) for m in runs])
+            cols.append(f"{mu:.4f} ± {sd:.4f}" if get is not None else "")
+        rows.append(f"| {method} | " + " | ".join(cols) + " |")
+    seeds = len(next(iter(results.values())))
+    text = (f"# {cfg.task}: {', '.join(results)} on {cfg.checkpoint or 'stories260K'}, {seeds} seed(s)\n\n"
+            f"mean ± std over seeds; {cfg.steps} steps × {cfg.batch_size * cfg.grad_accum} sequences, lr {cfg.lr:g}, "
+            f"r={cfg.rank}, alpha={cfg.lora_alpha:g}{' (rsLoRA)' if cfg.rslora else ''}\n\n" + "\n".join(rows) + "\n")
+    llama.atomic_write_text(out_dir / "compare.md", text)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, runs in results.items():
+        n = min(len(m["history"]["loss"]) for m in runs)
+        mean = [sum(m["history"]["loss"][i] for m in runs) / len(runs) for i in range(n)]
+        a1.plot(runs[0]["history"]["step"][:n], smooth(mean), label=method)
+    a1.set(title="training loss (mean over seeds, smoothed)", xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
+    a1.legend()
+    names = list(results)
+    stats = [mean_std([m["final"]["accuracy"] for m in results[k]]) for k in names]
+    a2.bar(names, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], capsize=4, label="final (± std)")
+    zs = mean_std([m["zero_shot"]["accuracy"] for runs in results.values() for m in runs])[0]
+    a2.axhline(100 * zs, color="gray", ls="--", label="zero-shot")
+    a2.set(title=f"final {cfg.task} accuracy", xlabel="initialization", ylabel="accuracy (%)")
+    a2.legend()
+    fig.tight_layout()
+    tmp = out_dir / "compare.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_dir / "compare.png")
+    return text
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = get_args(argv)
+    try:
+        if cfg.dry_run:
+            device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            if cfg.checkpoint in llama.PRESETS or cfg.checkpoint is None:
+                args = llama.PRESETS[cfg.checkpoint or "stories260K"]
+            else:
+                args = llama.read_args(cfg.checkpoint)
+            dry_run(cfg, args, device)
+            return
+        out = Path(cfg.out_dir)
+        multi = len(cfg.methods) > 1 or cfg.seeds > 1
+        results = {}
+        for method in cfg.methods:
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+                run_dir = out / f"{method}-s{seed}" if multi else out
+                results.setdefault(method, []).append(run(cfg, method, seed, run_dir))
+        if multi:
+            print(compare(results, out, cfg))
+    except (ValueError, FileNotFoundError, OSError) as e:  # UsageError and llama.CheckpointError are ValueErrors
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
