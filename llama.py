@@ -600,6 +600,12 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=LORA_TAR
     unknown = sorted(set(targets) - set(valid))
     if unknown or not targets:
         raise ValueError(f"unknown LoRA target modules {unknown or list(targets)}; valid: {valid}")
+    chosen = {n: lin for n, lin in linears.items() if n.rsplit(".", 1)[-1] in targets}
+    name, lin = min(chosen.items(), key=lambda kv: min(kv[1].weight.shape))
+    if not 1 <= r <= min(lin.weight.shape):
+        d_out, d_in = lin.weight.shape
+        raise ValueError(f"LoRA rank r={r} is impossible for this model: need 1 <= r <= {min(d_out, d_in)} "
+                         f"(smallest target {name} is {d_out}x{d_in})")
     wrapped = {}
     for name, lin in linears.items():
         if name.rsplit(".", 1)[-1] in targets:

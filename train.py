@@ -80,7 +80,7 @@ SETTINGS = {
     },
     "optim": {
         "lr": (2e-3, "peak learning rate of AdamW (paper: 2e-4 on 7B; a 260K model needs a larger one)"),
-        "steps": (1200, "optimizer steps (paper: 1 epoch of 100k; here a budget that fits minutes on a CPU)"),
+        "steps": (900, "optimizer steps (paper: 1 epoch of 100k; here a budget that fits minutes on a CPU)"),
         "batch_size": (32, "sequences per micro-batch (paper: 8)"),
         "grad_accum": (1, "micro-batches per step (paper: 4, for an effective 32)"),
         "warmup": (0.03, "warmup fraction of the steps (paper: 0.03), then cosine decay to 0"),
@@ -89,7 +89,7 @@ SETTINGS = {
     },
     "io": {
         "out_dir": ("out", "output folder: config.json, metrics.json, adapter.pt, loss.png, ckpt.pt"),
-        "eval_interval": (200, "evaluate every N steps (0: only at step 0 and at the end)"),
+        "eval_interval": (150, "evaluate every N steps (0: only at step 0 and at the end)"),
         "log_interval": (50, "print a progress line every N steps"),
         "resume": (False, "continue from out_dir/ckpt.pt"),
         "save_merged": (False, "also write the merged model in Meta's format to out_dir/merged/"),
@@ -468,6 +468,9 @@ def run(cfg, method, seed, out_dir: Path, log=print):
     perm_cache = {}
 
     def save_checkpoint():
+        if not all(torch.isfinite(p).all() for p in params):  # never overwrite a good checkpoint with a broken one
+            raise UsageError(f"LoRA weights became non-finite by step {step}; lower --lr (now {cfg.lr:g})"
+                             + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
         ckpt = {"step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "metrics": metrics, "history": history,
                 "config": resolved(cfg, method, seed, n_train)}

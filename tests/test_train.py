@@ -1,0 +1,143 @@
+"""train.py end to end, on the real stories260K model and the real SST-2 and GSM8K files, with tiny budgets."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llama
+import train
+from conftest import ROOT
+
+TINY = ["--steps", "4", "--batch-size", "4", "--init-samples", "8", "--eval-limit", "16", "--train-limit", "300",
+        "--eval-interval", "2", "--log-interval", "2", "--stats-batch-size", "4"]
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("task", ["sst2", "gsm8k"])
+def test_every_init_runs_on_both_tasks_and_writes_its_outputs(tmp_path, task, data):
+    extra = ["--max-len", "160", "--eval-limit", "2"] if task == "gsm8k" else []
+    train.main(["--init", "all", "--task", task, "--out-dir", str(tmp_path), "--data-dir", str(data)] + TINY + extra)
+    for method in train.METHODS:
+        d = tmp_path / f"{method}-s9"
+        m = json.loads((d / "metrics.json").read_text())
+        for key in ("zero_shot", "step0", "final"):
+            assert 0.0 <= m[key]["accuracy"] <= 1.0 and m[key]["loss"] > 0
+        assert m["evals"][-1]["step"] == 4 and len(m["history"]["loss"]) == 4
+        assert m["init_seconds"] > 0 and m["train_seconds"] > 0 and m["tokens_per_second"] > 0
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["init"] == method and cfg["task"] == task and cfg["n_train"] == 300
+        adapter = torch.load(d / "adapter.pt", weights_only=True)
+        assert len(adapter["lora"]) == 35 and bool(adapter["W0_shift"]) == (method in ("pissa", "ga"))
+        assert (d / "loss.png").stat().st_size > 0
+    assert "| da |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_step0_moves_only_for_lora_one_and_lora_da(tmp_path, data):
+    train.main(["--init", "lora,pissa,da", "--out-dir", str(tmp_path), "--data-dir", str(data)] + TINY)
+    m = {k: json.loads((tmp_path / f"{k}-s9" / "metrics.json").read_text()) for k in ("lora", "pissa", "da")}
+    for k in ("lora", "pissa"):
+        assert m[k]["step0"]["loss"] == pytest.approx(m[k]["zero_shot"]["loss"], abs=1e-4)
+    assert abs(m["da"]["step0"]["loss"] - m["da"]["zero_shot"]["loss"]) > 1e-3
+
+
+def test_a_run_killed_midway_and_resumed_ends_with_the_same_metrics(tmp_path, data):
+    args = ["--init", "da", "--data-dir", str(data), "--steps", "12", "--batch-size", "4", "--init-samples", "8",
+            "--eval-limit", "32", "--eval-interval", "4", "--log-interval", "4"]
+    whole = run_cli(*args, "--out-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = run_cli(*args, "--out-dir", str(tmp_path / "cut"), env={"LORA_DA_CRASH_AT_STEP": "7"})
+    assert killed.returncode != 0 and not (tmp_path / "cut" / "metrics.json").exists()
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 4  # the last checkpoint
+    resumed = run_cli(*args, "--out-dir", str(tmp_path / "cut"), "--resume")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    for key in ("zero_shot", "step0", "final", "evals", "history"):
+        assert a[key] == b[key], key
+    wa = torch.load(tmp_path / "whole" / "adapter.pt", weights_only=True)["lora"]
+    wb = torch.load(tmp_path / "cut" / "adapter.pt", weights_only=True)["lora"]
+    assert all(torch.equal(wa[n]["B"], wb[n]["B"]) and torch.equal(wa[n]["A"], wb[n]["A"]) for n in wa)
+
+
+def test_save_merged_writes_a_meta_checkpoint_equal_to_base_plus_adapter(tmp_path, data, stories):
+    train.main(["--init", "pissa", "--out-dir", str(tmp_path), "--data-dir", str(data), "--save-merged"] + TINY)
+    merged = llama.load_checkpoint(tmp_path / "merged")
+    model = llama.load_checkpoint(data / "stories260K" / "stories260K.bin")
+    llama.load_lora(model, tmp_path / "adapter.pt")
+    tokens = torch.randint(3, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_dry_run_of_llama2_7b_reports_its_size_without_allocating(capsys):
+    train.main(["--dry-run", "--checkpoint", "llama2-7b", "--dtype", "bf16", "--layers-per-pass", "8",
+                "--max-len", "1024", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert "6,738,415,616" in out and "12.551 GiB" in out  # 6.74e9 bf16 weights
+    for stage in ("G, 8 blocks per pass", "Z + Y", "LoRA r=8", "activations", "peak, training"):
+        assert stage in out
+
+
+def test_truncation_is_from_the_left_of_the_prompt_and_counted(data):
+    tok = llama.Tokenizer(data / "stories260K" / "tok512.model")
+    q, a = train.read_gsm8k(data / "gsm8k" / "train.jsonl")[0]
+    full = tok.encode(f"Q: {q}\nA: ", bos=True)
+    answer = tok.encode(a, bos=False, eos=True)
+    room = len(answer) + 12  # the answer fits, the prompt does not
+    cfg = train.get_args(["--task", "gsm8k", "--max-len", str(room), "--eval-limit", "3"])
+    task = train.Task(cfg, tok, data, 512)
+    prompt, kept = task.encode("train", 0)
+    assert kept == answer and len(prompt) == 12 and prompt[0] == tok.bos_id
+    assert prompt[1:] == full[-11:]  # the end of the prompt (up to "\nA: ") survives, its start is cut
+    assert task.truncated["train"] == 1
+    assert train.final_number("so 3 + 4 = 7\n#### 1,234") == 1234.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "/nonexistent/model.bin"], "checkpoint not found"),
+    (["--tokenizer", "/nonexistent/tok.model"], "tokenizer not found"),
+    (["--rank", "65"], "need 1 <= r <= 32"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--batch-size", "-1"], "--batch-size must be positive"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--init", "dora"], "choose from lora, gaussian, pissa, ga, one, da"),
+    (["--task", "mnli"], "invalid choice: 'mnli' (choose from 'sst2', 'gsm8k')"),
+])
+def test_bad_input_ends_with_one_line_and_a_nonzero_exit(args, message, tmp_path):
+    r = run_cli(*args, "--out-dir", str(tmp_path))
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("usage:") or r.stderr.count("\n") == 1  # argparse: usage line + error line
+
+
+def test_missing_data_lists_each_file_with_its_url_and_sha256(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "data_dirs", lambda cfg: [tmp_path])
+    cfg = train.get_args(["--task", "gsm8k"])
+    with pytest.raises(train.UsageError) as e:
+        train.find_data(cfg, ["gsm8k/train.jsonl", "gsm8k/test.jsonl"])
+    msg = str(e.value)
+    assert "gsm8k/train.jsonl  from https://raw.githubusercontent.com/openai/grade-school-math" in msg
+    assert "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465" in msg and "--download" in msg
+
+
+def test_corrupt_checkpoint_and_nan_loss_fail_cleanly_and_keep_the_earlier_checkpoint(tmp_path, data):
+    bad = tmp_path / "cut.bin"
+    bad.write_bytes((data / "stories260K" / "stories260K.bin").read_bytes()[:5000])
+    r = run_cli("--checkpoint", str(bad), "--out-dir", str(tmp_path / "a"))
+    assert r.returncode != 0 and "cut.bin: 5000 bytes, expected" in r.stderr and r.stderr.count("\n") == 1
+    # a learning rate that blows up: the run stops at the first non-finite loss, the checkpoint before it stays
+    out = tmp_path / "b"
+    r = run_cli("--lr", "1e4", "--grad-clip", "0", "--warmup", "0", "--steps", "60", "--eval-interval", "1",
+                "--batch-size", "4", "--eval-limit", "8", "--init-samples", "8", "--out-dir", str(out))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "loss became nan" in r.stderr or "became non-finite" in r.stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v["B"]).all() for v in ckpt["adapter"]["lora"].values())
