@@ -110,6 +110,18 @@ class LinearGaussian:
         return torch.stack(out, dim=1)
 
 
+    def lora_fa_risk(self, A0, N):
+        """The exact expected error of LoRA-FA on this model (theory.md Eq. 12, finite N): the Z-weighted
+        bias ‖ΔW(I − Q)‖², Q = Z A0 (A0ᵀZA0)⁻¹ A0ᵀ, plus the noise of an r-dim regression whose residual
+        also carries the unreachable part ΔW(I − Q)x (independent of A0ᵀx for Gaussian inputs)."""
+        Z, r = self.Sigma_x, A0.shape[1]
+        C = A0.T @ Z @ A0
+        Q = Z @ A0 @ torch.linalg.solve(C, A0.T)
+        R = self.D @ (torch.eye(Z.shape[0], dtype=Z.dtype) - Q)                 # unreachable shift
+        noise = self.Sigma + R @ Z @ R.T
+        return (R.pow(2).sum() + noise.trace() * torch.linalg.inv(C).trace() / (N - r - 1)).item()
+
+
 def make_linear_gaussian(d_in=8, d_out=4, x_spectrum=None, noise_spectrum=None, D=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x_spectrum = x_spectrum if x_spectrum is not None else torch.logspace(1, -2, d_in)
@@ -117,6 +129,20 @@ def make_linear_gaussian(d_in=8, d_out=4, x_spectrum=None, noise_spectrum=None, 
     W0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     D = D if D is not None else 0.3 * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     return LinearGaussian(W0=W0, W_tgt=W0 + D, Sigma_x=spd(x_spectrum, gen), Sigma=spd(noise_spectrum, gen))
+
+
+def variance_matters(seed=2):
+    """Anisotropic inputs, and a shift with energy along an input direction that is almost never excited:
+    the bias-only subspace chases it and pays for it in variance (the optimality tests and notebook 01)."""
+    d_in, d_out = 8, 4
+    P = make_linear_gaussian(d_in, d_out, seed=seed)
+    gen = torch.Generator().manual_seed(3)
+    V = torch.linalg.eigh(P.Sigma_x)[1]  # ascending input variance
+    D = 0.1 * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    D = D + 0.8 * torch.randn(d_out, 1, generator=gen, dtype=torch.float64) @ V[:, :1].T
+    D = D + 0.5 * torch.randn(d_out, 1, generator=gen, dtype=torch.float64) @ V[:, 4:5].T
+    P.W_tgt = P.W0 + D
+    return P
 
 
 @dataclass

@@ -118,20 +118,6 @@ def test_lora_fa_variance_is_bounded_above_by_the_surrogate():
 
 # --- Eqs. 8-10: the smallest eigenvectors are optimal --------------------------------------
 
-def variance_matters(seed=2):
-    """Anisotropic inputs, and a shift with energy along an input direction that is almost never excited:
-    the bias-only choice chases it and pays for it in variance."""
-    d_in, d_out = 8, 4
-    P = S.make_linear_gaussian(d_in, d_out, seed=seed)
-    gen = torch.Generator().manual_seed(3)
-    V = torch.linalg.eigh(P.Sigma_x)[1]  # ascending input variance
-    D = 0.1 * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-    D = D + 0.8 * torch.randn(d_out, 1, generator=gen, dtype=torch.float64) @ V[:, :1].T
-    D = D + 0.5 * torch.randn(d_out, 1, generator=gen, dtype=torch.float64) @ V[:, 4:5].T
-    P.W_tgt = P.W0 + D
-    return P
-
-
 def da_subspace(P, N, beta=1.0):
     # population statistics; N − d_in − 1 is the finite-N correction of the decomposition test
     return L.lora_da_solve(P.G(), P.Sigma_x, P.Y, 2, N - P.W0.shape[1] - 1, alpha=1.0, beta=beta,
@@ -140,7 +126,7 @@ def da_subspace(P, N, beta=1.0):
 
 @pytest.mark.parametrize("N", [30, 50, 200])
 def test_lora_da_subspace_has_lower_measured_error_than_the_peer_subspaces(N):
-    P = variance_matters()
+    P = S.variance_matters()
     d_in, r, trials = 8, 2, 3000
     gen = torch.Generator().manual_seed(N)
     candidates = {"LoRA-DA": da_subspace(P, N), "bias-only (β=0)": da_subspace(P, N, beta=0.0),
@@ -155,7 +141,7 @@ def test_lora_da_subspace_has_lower_measured_error_than_the_peer_subspaces(N):
 
 
 def test_no_random_subspace_beats_lora_da_on_the_objective_and_ky_fan_holds():
-    P = variance_matters()
+    P = S.variance_matters()
     N = 50
     n = N - 9
     out = L.lora_da_solve(P.G(), P.Sigma_x, P.Y, 2, n, alpha=1.0, beta=1.0, damping=EXACT, normalize=False)
@@ -170,7 +156,7 @@ def test_no_random_subspace_beats_lora_da_on_the_objective_and_ky_fan_holds():
 
 
 def test_lora_da_approaches_the_bias_only_subspace_as_N_grows():
-    P = variance_matters()
+    P = S.variance_matters()
     bias_only = S.projector(da_subspace(P, 100, beta=0.0))
     gaps = [(S.projector(da_subspace(P, N)) - bias_only).norm().item() for N in (50, 500, 5000, 10 ** 6)]
     assert gaps[0] > 1.0                    # at small N the variance term moves the subspace
@@ -201,3 +187,20 @@ def test_decomposition_holds_for_softmax_regression_where_kfac_is_approximate():
     assert abs(mc - (bias + var_exact)) < 4 * se
     assert abs(var_kfac - (mc - bias)) < 0.35 * (mc - bias)
     assert abs(var_kfac - var_exact) > 0.05 * var_exact  # K-FAC really is approximate here
+
+
+def test_surrogate_and_true_lora_fa_risk_can_prefer_different_subspaces():
+    """theory.md §9: with anisotropic inputs, the A0 that minimizes Eq. 8 is not the one that minimizes the
+    exact LoRA-FA risk (Eq. 12: Z-weighted bias, (A0ᵀZA0)⁻¹ variance). The risk formula is itself checked by MC."""
+    P, N, r = S.variance_matters(), 50, 2
+    gen = torch.Generator().manual_seed(0)
+    A = S.random_orthonormal(8, r, gen)
+    mc, se = mc_mean(P.lora_fa_errors([A], N, 4000, gen)[:, 0])
+    assert abs(mc - P.lora_fa_risk(A, N)) < 4 * se
+    da = da_subspace(P, N)
+    others = [S.random_orthonormal(8, r, gen) for _ in range(3000)]
+    surrogate = lambda A0: L.objective(P.D, P.Sigma_x, P.Y, A0, N - 9, damping=EXACT).item()
+    best_fa = min(others, key=lambda A0: P.lora_fa_risk(A0, N))
+    assert all(surrogate(da) <= surrogate(A0) for A0 in others[:300])  # LoRA-DA wins its own objective
+    assert P.lora_fa_risk(best_fa, N) < P.lora_fa_risk(da, N)          # but not the LoRA-FA risk
+    assert surrogate(best_fa) > surrogate(da)
