@@ -503,45 +503,34 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
                 factors[n] = (A, B, False)
         report["seconds"]["solve"] = time.perf_counter() - t0
 
-    elif method in ("ga", "one"):
-        used = samples[:one_samples] if method == "one" else samples
-        stats = kfac_statistics(model, used, loss_fn, layers, batch_size=cfg.batch_size, factors=False)
-        report["seconds"]["statistics"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for n, m in layers.items():
-            G = stats.G[n]
-            if not torch.isfinite(G).all():
-                raise ValueError(f"non-finite gradient in layer {n}")
-            if method == "ga":
-                A, B = lora_ga_init(G.cpu(), m.r, ga_gamma)
-                factors[n] = (A, B, True)
-            else:
-                A, B = lora_one_init(G.cpu(), m.r, one_gamma)
-                factors[n] = (A, B, False)
-        report["seconds"]["solve"] = time.perf_counter() - t1
-
-    else:  # LoRA-DA: statistics and solve, one group of transformer blocks at a time (bounded memory)
+    else:  # data-aware: statistics and solve, one group of transformer blocks at a time (bounded memory)
         report["seconds"].update(statistics=0.0, solve=0.0)
+        used = samples[:one_samples] if method == "one" else samples
         groups = layer_groups(list(layers), cfg.layers_per_pass)
         for gi, names in enumerate(groups):
             t1 = time.perf_counter()
             group = {n: layers[n] for n in names}
-            stats = kfac_statistics(model, samples, loss_fn, group, batch_size=cfg.batch_size,
-                                    token_mask=cfg.token_mask, y_full=cfg.y_full)
+            stats = kfac_statistics(model, used, loss_fn, group, batch_size=cfg.batch_size, token_mask=cfg.token_mask,
+                                    y_full=cfg.y_full, factors=(method == "da"))
             t2 = time.perf_counter()
             report["seconds"]["statistics"] += t2 - t1
             for n in names:
-                m = layers[n]
-                out = lora_da_solve(stats.G[n], stats.Z[n], stats.Y[n], m.r, cfg.n_samples, alpha=cfg.alpha,
-                                    beta=cfg.beta, gamma=cfg.gamma, damping=cfg.damping, normalize=cfg.normalize,
-                                    solver=cfg.solver, seed=layer_seed(cfg.seed, n), name=n)
-                factors[n] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
-                Yd = stats.Y[n] if stats.Y[n].dim() == 1 else stats.Y[n].diagonal()
-                report["layers"][n] = {"sigma": out["sigma"], "bias": out["bias"], "variance": out["variance"],
-                                       "Y_median": Yd.median().item(), "damping": cfg.damping,
-                                       "solver": out["solver"]}
+                m, G = layers[n], stats.G[n]
+                if method == "ga":    # W0 <- W0 − s·B A: the output is unchanged at step 0
+                    factors[n] = (*lora_ga_init(G.cpu(), m.r, ga_gamma), True)
+                elif method == "one":
+                    factors[n] = (*lora_one_init(G.cpu(), m.r, one_gamma), False)
+                else:
+                    out = lora_da_solve(G, stats.Z[n], stats.Y[n], m.r, cfg.n_samples, alpha=cfg.alpha,
+                                        beta=cfg.beta, gamma=cfg.gamma, damping=cfg.damping, normalize=cfg.normalize,
+                                        solver=cfg.solver, seed=layer_seed(cfg.seed, n), name=n)
+                    factors[n] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
+                    Yd = stats.Y[n] if stats.Y[n].dim() == 1 else stats.Y[n].diagonal()
+                    report["layers"][n] = {"sigma": out["sigma"], "bias": out["bias"], "variance": out["variance"],
+                                           "Y_median": Yd.median().item(), "damping": cfg.damping,
+                                           "solver": out["solver"]}
             report["seconds"]["solve"] += time.perf_counter() - t2
-            log(f"LoRA-DA pass {gi + 1}/{len(groups)}: {len(names)} layers, {stats.n_tokens} tokens, "
+            log(f"{method} init, pass {gi + 1}/{len(groups)}: {len(names)} layers, {len(used)} samples, "
                 f"{time.perf_counter() - t1:.1f}s")
             del stats
 

@@ -332,7 +332,8 @@ def dry_run(cfg, args: llama.ModelArgs, device):
             ("eigenproblem, one layer (fp64)", gib(M)),
             (f"LoRA r={r} + AdamW state (fp32: param, grad, 2 moments)", gib(lora * 4 * 4)),
             (f"activations, batch {B} x {T} tokens (estimate)", gib(act)),
-            ("peak, statistics pass", gib(n_params * bytes_w + G + Z + Y + act * 1 // B)),
+            (f"peak, statistics pass ({cfg.stats_batch_size} samples per pass)",
+             gib(n_params * bytes_w + G + Z + Y + act * cfg.stats_batch_size // B)),
             ("peak, training", gib(n_params * bytes_w + lora * 16 + act))]
     print(f"dry run: {cfg.checkpoint or 'stories260K'} on {device}, dtype {cfg.dtype}, {len(shapes)} LoRA layers")
     w = max(len(k) for k, _ in rows)
@@ -397,7 +398,8 @@ def run(cfg, method, seed, out_dir: Path, log=print):
                 pred, gold = final_number(tok.decode(new)), final_number(task.test[j][1])
                 correct += int(pred is not None and pred == gold)
         model.train()
-        return {"accuracy": correct / len(task.test), "loss": sum(losses) / len(losses)}
+        decoded = task.name == "sst2" or decode
+        return {"accuracy": correct / len(task.test) if decoded else None, "loss": sum(losses) / len(losses)}
 
     # LoRA on the chosen targets; only LoRA parameters train
     layers = llama.add_lora(model, r=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.targets.split(","),
@@ -507,9 +509,10 @@ def run(cfg, method, seed, out_dir: Path, log=print):
             log(f"step {step:5d}/{cfg.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | "
                 f"{tokens_seen / max(dt, 1e-9):,.0f} tok/s | ETA {eta:.0f}s")
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
-            ev = evaluate(decode=False) if task.name == "gsm8k" else evaluate()
+            ev = evaluate(decode=False)  # periodic: loss (and SST-2 accuracy); greedy GSM8K decoding only at the end
             metrics["evals"].append({"step": step, **ev})
-            log(f"eval step {step}: accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f}")
+            acc = "not decoded" if ev["accuracy"] is None else f"{ev['accuracy']:.4f}"
+            log(f"eval step {step}: accuracy {acc}, loss {ev['loss']:.4f}")
             save_checkpoint()
         if step == crash_at:
             os.kill(os.getpid(), signal.SIGKILL)
