@@ -30,6 +30,14 @@ def top_right_singular(W, r):
     return torch.linalg.svd(W.double(), full_matrices=False)[2][:r].T
 
 
+def linear_layer(W):
+    """An nn.Linear (no bias) holding W: the one-layer "model" whose statistics lora_da collects."""
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    return lin
+
+
 def projector(A0):
     return A0 @ A0.T
 
@@ -68,11 +76,7 @@ class LinearGaussian:
         return [{"x": x.float(), "y": y.float()} for x, y in zip(X, Yobs)]
 
     def model(self, W=None):
-        W = self.W0 if W is None else W
-        lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(W)
-        return lin
+        return linear_layer(self.W0 if W is None else W)
 
     def loss_fn(self, model, batch):
         """Negative log-likelihood per sample, ½ rᵀ Σε⁻¹ r with r = y − W x."""
@@ -170,11 +174,7 @@ class Softmax:
         return [{"x": x.float(), "y": t} for x, t in zip(X, y)]
 
     def model(self, W=None):
-        W = self.W0 if W is None else W
-        lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(W)
-        return lin
+        return linear_layer(self.W0 if W is None else W)
 
     @staticmethod
     def loss_fn(model, batch):
