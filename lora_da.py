@@ -162,6 +162,8 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
                 # G += Σ_i Σ_t g_it x_itᵀ: the per-sample weight gradient, summed
                 G[n] += torch.einsum("bto,bti->oi", g, x)
                 m = counted_tokens(batch, token_mask, B, x.shape[1], device)
+                if n == names[0]:
+                    n_tokens += int(m.sum())
                 if not factors:
                     continue
                 xm, gm = x[m], g[m]                                 # (n_counted, d_in), (n_counted, d_out)
@@ -170,8 +172,6 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
                     Z[n] = Z.get(n, 0) + xm.T @ xm
                 # Y += Σ_t g_t g_tᵀ (or its diagonal Σ_t g_t²)
                 Y[n] = Y.get(n, 0) + (gm.T @ gm if y_full else (gm * gm).sum(0))
-                if n == names[0]:
-                    n_tokens += int(m.sum())
             io.clear()
     n = len(samples)
     stats = Statistics(G={k: v / n for k, v in G.items()}, n_samples=n, n_tokens=n_tokens)
