@@ -525,6 +525,9 @@ def run(cfg, method, seed, out_dir: Path, log=print):
         metrics["evals"].append({"step": step, **metrics["final"]})
     metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
     metrics["truncated"] = dict(task.truncated)
+    if any(task.truncated.values()):
+        log(f"truncated to --max-len {task.max_len} from the left of the prompt: {task.truncated['train']} "
+            f"training and {task.truncated['test']} test examples")
     total = metrics["init_seconds"] + metrics["train_seconds"]
     metrics["init_share"] = metrics["init_seconds"] / total if total else 0.0
     metrics["history"] = history
