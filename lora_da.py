@@ -463,11 +463,14 @@ def layer_groups(names: list, per_pass: Optional[int]) -> list:
 def causal_lm_losses(model, batch):
     """Per-sample loss of a causal LM: the mean cross-entropy over the sample's scored tokens
     (targets != -100), as the HF loss of one sequence. batch: tokens, targets (B, T)."""
-    logits = model(batch["tokens"])                                 # (B, T, V)
-    tgt = batch["targets"]
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100,
-                                           reduction="none").view(tgt.shape)
-    return ce.sum(1) / (tgt != -100).sum(1).clamp_min(1)
+    return sequence_losses(model(batch["tokens"]), batch["targets"])
+
+
+def sequence_losses(logits, targets):
+    """(B, T, V) logits, (B, T) targets with -100 where unscored -> (B,) mean CE over each row's scored tokens."""
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                           reduction="none").view(targets.shape)
+    return ce.sum(1) / (targets != -100).sum(1).clamp_min(1)
 
 
 METHODS = ("lora", "gaussian", "pissa", "ga", "one", "da")

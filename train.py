@@ -383,7 +383,7 @@ def run(cfg, method, seed, out_dir: Path, log=print):
             idx = list(range(i, min(i + 64, len(task.test))))
             b = {k: v.to(device) for k, v in task.batch("test", idx, tok.pad_id).items()}
             logits = model(b["tokens"])
-            losses += lora_da.causal_lm_losses(lambda _: logits, b).tolist()
+            losses += lora_da.sequence_losses(logits, b["targets"]).tolist()
             if task.name == "sst2":
                 first = (b["targets"] != -100).float().argmax(1)          # position predicting the label word
                 at = logits[torch.arange(len(idx)), first]                 # (B, V)
@@ -611,7 +611,7 @@ def compare(results, out_dir: Path, cfg):
         for get in (lambda m: m["zero_shot"]["accuracy"], lambda m: m["step0"]["accuracy"],
                     lambda m: m["final"]["accuracy"], lambda m: m["final"]["loss"], lambda m: m["init_seconds"]):
             mu, sd = mean_std([get(m) for m in runs])
-            cols.append(f"{mu:.4f} ± {sd:.4f}" if get is not None else "")
+            cols.append(f"{mu:.4f} ± {sd:.4f}")
         rows.append(f"| {method} | " + " | ".join(cols) + " |")
     seeds = len(next(iter(results.values())))
     text = (f"# {cfg.task}: {', '.join(results)} on {cfg.checkpoint or 'stories260K'}, {seeds} seed(s)\n\n"
