@@ -1,8 +1,9 @@
 """
 A single-file LLaMA-2, read beside Meta's reference model.py and llama2.c's model.py,
-plus what this project needs and they lack: a key/value cache for decoding, loaders for the
-three real checkpoint formats, a sentencepiece tokenizer, a sampling CLI, and hand-written
-LoRA layers (at the end of the file).
+plus what this project needs and they lack: a key/value cache for decoding, hand-written LoRA
+layers, a sentencepiece tokenizer, loaders for the three real checkpoint formats, and a sampling
+CLI. In reading order: the model, generation, LoRA, the tokenizer, then the checkpoint formats as an
+appendix, then the CLI.
 
 Sample from the real stories260K model:
 
@@ -15,7 +16,7 @@ import math
 import os
 import struct
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -165,9 +166,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.layer_id = layer_id
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args))
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
@@ -183,7 +183,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -231,6 +231,10 @@ class Transformer(nn.Module):
             pos += 1
 
 
+# -----------------------------------------------------------------------------
+# generation: greedy or nucleus sampling, one token at a time (Transformer.generate above drives it)
+
+
 def sample(logits, temperature: float, top_p: Optional[float], generator=None):
     # logits (1, vocab) -> (1,) token id
     if temperature == 0.0:
@@ -246,7 +250,183 @@ def sample(logits, temperature: float, top_p: Optional[float], generator=None):
 
 
 # -----------------------------------------------------------------------------
-# real checkpoints: llama2.c legacy .bin, Meta's consolidated.NN.pth, Hugging Face
+# hand-written LoRA (Hu et al. 2021), minLoRA-sized
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear W0 plus a trainable low-rank update s·B A.
+    lora_A: (r, d_in), lora_B: (d_out, r); kept in fp32 whatever the base dtype."""
+
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, rslora: bool = False,
+                 dropout: float = 0.0, freeze_A: bool = False):
+        super().__init__()
+        d_out, d_in = base.weight.shape
+        if not 1 <= r <= min(d_in, d_out):
+            raise ValueError(f"LoRA rank r={r} is impossible for a {d_out}x{d_in} layer: need 1 <= r <= {min(d_in, d_out)}")
+        self.base = base.requires_grad_(False)
+        self.r, self.lora_alpha, self.rslora = r, lora_alpha, rslora
+        # the one place the scaling is set: s = lora_alpha/r, or lora_alpha/√r with rsLoRA (Kalajdzievski 2023)
+        self.scaling = lora_alpha / math.sqrt(r) if rslora else lora_alpha / r
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=dev), requires_grad=not freeze_A)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev))
+        self.freeze_A = freeze_A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.W0_shift = None  # (B, A) of the init when it moved W0 by −s·B A (PiSSA, LoRA-GA)
+        # standard LoRA: A ~ Kaiming-uniform(a=√5) = U(-1/√d_in, 1/√d_in), B = 0, so B A = 0 at step 0
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        h = self.base(x)
+        if self.merged:
+            return h
+        # h = W0 x + s·B A x
+        return h + (self.scaling * F.linear(F.linear(self.dropout(x).float(), self.lora_A), self.lora_B)).type_as(h)
+
+    @torch.no_grad()
+    def init_(self, A, B, shift_W0: bool = False):
+        """Write an initialization (A, B). shift_W0: W0 <- W0 - s·B A so the output is unchanged at step 0."""
+        if self.merged:
+            raise RuntimeError("unmerge() before writing a new LoRA init")
+        if A.shape != self.lora_A.shape or B.shape != self.lora_B.shape:
+            raise ValueError(f"LoRA init shapes A{tuple(A.shape)} B{tuple(B.shape)}, expected "
+                             f"A{tuple(self.lora_A.shape)} B{tuple(self.lora_B.shape)}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError("LoRA init has non-finite entries")
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        if shift_W0:
+            W = self.base.weight
+            W.copy_((W.float() - self.scaling * B.float() @ A.float()).to(W.dtype))
+            self.W0_shift = (B.detach().float().cpu().clone(), A.detach().float().cpu().clone())
+
+    @torch.no_grad()
+    def merge(self):
+        # W <- W0 + s·B A; idempotent
+        if not self.merged:
+            W = self.base.weight
+            W.copy_((W.float() + self.scaling * self.lora_B @ self.lora_A).to(W.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            W = self.base.weight
+            W.copy_((W.float() - self.scaling * self.lora_B @ self.lora_A).to(W.dtype))
+            self.merged = False
+
+
+def add_lora(model: nn.Module, r: int = 8, lora_alpha: float = 16.0, targets=LORA_TARGETS, rslora: bool = False,
+             dropout: float = 0.0, freeze_A: bool = False) -> dict:
+    """Wrap every nn.Linear whose last name is in targets; returns {name: LoRALinear}."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "output"}
+    valid = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    unknown = sorted(set(targets) - set(valid))
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target modules {unknown or list(targets)}; valid: {valid}")
+    chosen = {n: lin for n, lin in linears.items() if n.rsplit(".", 1)[-1] in targets}
+    name, lin = min(chosen.items(), key=lambda kv: min(kv[1].weight.shape))
+    if not 1 <= r <= min(lin.weight.shape):
+        d_out, d_in = lin.weight.shape
+        raise ValueError(f"LoRA rank r={r} is impossible for this model: need 1 <= r <= {min(d_out, d_in)} "
+                         f"(smallest target {name} is {d_out}x{d_in})")
+    wrapped = {}
+    for name, lin in linears.items():
+        if name.rsplit(".", 1)[-1] in targets:
+            parent_name, child = name.rsplit(".", 1)
+            layer = LoRALinear(lin, r, lora_alpha, rslora=rslora, dropout=dropout, freeze_A=freeze_A)
+            setattr(model.get_submodule(parent_name), child, layer)
+            wrapped[name] = layer
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_trainable(model: nn.Module):
+    for n, p in model.named_parameters():
+        p.requires_grad_(False)
+    for layer in lora_layers(model).values():
+        layer.lora_A.requires_grad_(not layer.freeze_A)
+        layer.lora_B.requires_grad_(True)
+
+
+def lora_state(model: nn.Module) -> dict:
+    """The adapter alone: A, B per layer, how to rebuild a shifted W0, and the config to rebuild it."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers")
+    one = next(iter(layers.values()))
+    return {
+        "config": {"r": one.r, "lora_alpha": one.lora_alpha, "rslora": one.rslora, "scaling": one.scaling,
+                   "targets": sorted({n.rsplit(".", 1)[-1] for n in layers})},
+        "lora": {n: {"A": m.lora_A.detach().cpu().clone(), "B": m.lora_B.detach().cpu().clone()}
+                 for n, m in layers.items()},
+        "W0_shift": {n: {"B": m.W0_shift[0], "A": m.W0_shift[1]} for n, m in layers.items()
+                     if m.W0_shift is not None},
+    }
+
+
+def save_lora(model: nn.Module, path):
+    atomic_save(lora_state(model), path)
+
+
+def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: bool = False) -> dict:
+    """Add LoRA to a base model as the adapter describes, apply its W0 shift, load A and B."""
+    state = path_or_state
+    if not isinstance(state, dict):
+        if not Path(state).is_file():
+            raise FileNotFoundError(f"LoRA adapter not found: {state}")
+        state = torch.load(state, map_location="cpu", weights_only=True)
+    cfg = state["config"]
+    layers = lora_layers(model) or add_lora(model, cfg["r"], cfg["lora_alpha"], cfg["targets"], cfg["rslora"],
+                                            dropout=dropout, freeze_A=freeze_A)
+    if set(layers) != set(state["lora"]):
+        raise ValueError(f"adapter layers {sorted(state['lora'])[:3]}... do not match the model's {sorted(layers)[:3]}...")
+    for n, m in layers.items():
+        dev = m.lora_A.device
+        if n in state.get("W0_shift", {}):
+            s = state["W0_shift"][n]
+            m.init_(s["A"].to(dev), s["B"].to(dev), shift_W0=True)
+        m.init_(state["lora"][n]["A"].to(dev), state["lora"][n]["B"].to(dev))
+    return layers
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+class Tokenizer:
+    """A thin sentencepiece wrapper with Meta's interface."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tokenizer not found: {path} (expected a sentencepiece .model file)")
+        self.sp = spm.SentencePieceProcessor()
+        if not self.sp.Load(str(path)):
+            raise ValueError(f"{path}: not a sentencepiece model")
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        # LLaMA tokenizers have no pad piece (sentencepiece says -1); like the LoRA-DA code we pad
+        # with EOS, and every padded position is masked out of attention-free losses and statistics
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+# -----------------------------------------------------------------------------
+# appendix: real checkpoints (llama2.c legacy .bin, Meta's consolidated.NN.pth, Hugging Face)
 
 
 class CheckpointError(ValueError):
@@ -275,22 +455,51 @@ def read_args(path) -> ModelArgs:
     """The model's shape from a checkpoint's config or header alone, no weights read (for dry runs)."""
     path = Path(path)
     if (path / "params.json").is_file():
-        p = json.loads((path / "params.json").read_text())
-        return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
-                         vocab_size=p["vocab_size"] if p.get("vocab_size", -1) > 0 else 32000,
-                         hidden_dim=p.get("hidden_dim"), multiple_of=p.get("multiple_of", 256),
-                         ffn_dim_multiplier=p.get("ffn_dim_multiplier"), max_seq_len=p.get("max_seq_len", 4096),
-                         tie_embeddings=False)
+        return meta_args(read_json(path / "params.json"), path / "params.json")
     if (path / "config.json").is_file():
-        c = json.loads((path / "config.json").read_text())
-        return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                         n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-                         hidden_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 4096),
-                         tie_embeddings=c.get("tie_word_embeddings", False))
+        return hf_args(read_json(path / "config.json"), path / "config.json")
     if path.is_file():
         return _read_llama2c(path)[0]
     raise CheckpointError(f"checkpoint not found: {path} (expected a llama2.c .bin file, a Meta folder with "
                           f"params.json, a Hugging Face folder with config.json, or a preset: {', '.join(PRESETS)})")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        out = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})")
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+def meta_args(p: dict, source, vocab_size: Optional[int] = None, tied: bool = False) -> ModelArgs:
+    """ModelArgs from Meta's params.json: the one place it is parsed. Meta writes vocab_size -1 (the
+    tokenizer decides): then vocab_size (read off the embedding), else LLaMA-2's 32000."""
+    try:
+        vocab = p.get("vocab_size", -1)
+        return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
+                         vocab_size=vocab if vocab and vocab > 0 else (vocab_size or 32000),
+                         hidden_dim=p.get("hidden_dim"), multiple_of=p.get("multiple_of", 256),
+                         ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p.get("norm_eps", 1e-5),
+                         rope_theta=p.get("rope_theta", 10000.0), max_seq_len=p.get("max_seq_len", 4096),
+                         tie_embeddings=tied)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing key {e}")
+
+
+def hf_args(c: dict, source, has_output: bool = True) -> ModelArgs:
+    """ModelArgs from a Hugging Face config.json: the one place it is parsed."""
+    try:
+        return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                         n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+                         vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
+                         norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=c.get("rope_theta", 10000.0),
+                         max_seq_len=c.get("max_position_embeddings", 4096),
+                         tie_embeddings=c.get("tie_word_embeddings", False) or not has_output)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing key {e}")
 
 
 def _build(args: ModelArgs, sd: dict, device, dtype, source) -> Transformer:
@@ -372,7 +581,7 @@ def _meta_shard_dim(name: str) -> Optional[int]:
 
 
 def _read_meta(path: Path):
-    params = json.loads((path / "params.json").read_text())
+    params = read_json(path / "params.json")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{path}: params.json found but no consolidated.NN.pth shards")
@@ -384,15 +593,10 @@ def _read_meta(path: Path):
         parts = [s[name] for s in states]
         d = _meta_shard_dim(name)
         sd[name] = parts[0] if d is None or len(parts) == 1 else torch.cat(parts, dim=d)
-    vocab = params.get("vocab_size", -1)
-    if vocab is None or vocab <= 0:  # Meta writes -1: the tokenizer decides, read it off the embedding
-        vocab = sd["tok_embeddings.weight"].shape[0]
-    args = ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-                     n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab, hidden_dim=params.get("hidden_dim"),
-                     multiple_of=params.get("multiple_of", 256),
-                     ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
-                     rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", 4096),
-                     tie_embeddings="output.weight" not in sd)
+    if "tok_embeddings.weight" not in sd:
+        raise CheckpointError(f"{path}: no tok_embeddings.weight in {shards[0].name}")
+    args = meta_args(params, path / "params.json", vocab_size=sd["tok_embeddings.weight"].shape[0],
+                     tied="output.weight" not in sd)
     return args, sd
 
 
@@ -432,7 +636,7 @@ _HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.
 
 
 def _read_hf(path: Path):
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json")
     raw = {}
     st_files = sorted(path.glob("*.safetensors"))
     pt_files = sorted(path.glob("pytorch_model*.bin"))
@@ -448,8 +652,8 @@ def _read_hf(path: Path):
             raw.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
     else:
         raise CheckpointError(f"{path}: config.json found but no *.safetensors or pytorch_model*.bin")
-    n_heads = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_heads)
+    shape = hf_args(cfg, path / "config.json")
+    n_heads, n_kv = shape.n_heads, shape.n_kv_heads
     sd = {}
     for k, v in raw.items():
         k = k.removeprefix("model.")
@@ -470,11 +674,7 @@ def _read_hf(path: Path):
             elif mod == "self_attn.k_proj":
                 v = hf_unpermute(v, n_kv)
             sd[name] = v
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
-                     vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
-                     max_seq_len=cfg.get("max_position_embeddings", 4096),
-                     tie_embeddings=cfg.get("tie_word_embeddings", False) or "output.weight" not in sd)
+    args = hf_args(cfg, path / "config.json", has_output="output.weight" in sd)
     return args, sd
 
 
@@ -494,189 +694,14 @@ def atomic_write_text(path, text: str):
 
 
 # -----------------------------------------------------------------------------
-# tokenizer
-
-
-class Tokenizer:
-    """A thin sentencepiece wrapper with Meta's interface."""
-
-    def __init__(self, path):
-        import sentencepiece as spm
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"tokenizer not found: {path} (expected a sentencepiece .model file)")
-        self.sp = spm.SentencePieceProcessor()
-        if not self.sp.Load(str(path)):
-            raise ValueError(f"{path}: not a sentencepiece model")
-        self.vocab_size = self.sp.vocab_size()
-        self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
-        # LLaMA tokenizers have no pad piece (sentencepiece says -1); like the LoRA-DA code we pad
-        # with EOS, and every padded position is masked out of attention-free losses and statistics
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
-        ids = self.sp.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-
-# -----------------------------------------------------------------------------
-# hand-written LoRA (Hu et al. 2021), minLoRA-sized
-
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear W0 plus a trainable low-rank update s·B A.
-    lora_A: (r, d_in), lora_B: (d_out, r); kept in fp32 whatever the base dtype."""
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False,
-                 dropout: float = 0.0, freeze_A: bool = False):
-        super().__init__()
-        d_out, d_in = base.weight.shape
-        if not 1 <= r <= min(d_in, d_out):
-            raise ValueError(f"LoRA rank r={r} is impossible for a {d_out}x{d_in} layer: need 1 <= r <= {min(d_in, d_out)}")
-        self.base = base.requires_grad_(False)
-        self.r, self.alpha, self.rslora = r, alpha, rslora
-        # the one place the scaling is set: s = alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023)
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=dev), requires_grad=not freeze_A)
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev))
-        self.freeze_A = freeze_A
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.W0_shift = None  # (B0, A0) when an init moved W0 by -s·B0 A0 (PiSSA, LoRA-GA)
-        # standard LoRA: A ~ Kaiming-uniform(a=√5) = U(-1/√d_in, 1/√d_in), B = 0, so B A = 0 at step 0
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        h = self.base(x)
-        if self.merged:
-            return h
-        # h = W0 x + s·B A x
-        return h + (self.scaling * F.linear(F.linear(self.dropout(x).float(), self.lora_A), self.lora_B)).type_as(h)
-
-    @torch.no_grad()
-    def init_(self, A, B, shift_W0: bool = False):
-        """Write an initialization (A, B). shift_W0: W0 <- W0 - s·B A so the output is unchanged at step 0."""
-        if self.merged:
-            raise RuntimeError("unmerge() before writing a new LoRA init")
-        if A.shape != self.lora_A.shape or B.shape != self.lora_B.shape:
-            raise ValueError(f"LoRA init shapes A{tuple(A.shape)} B{tuple(B.shape)}, expected "
-                             f"A{tuple(self.lora_A.shape)} B{tuple(self.lora_B.shape)}")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError("LoRA init has non-finite entries")
-        self.lora_A.copy_(A)
-        self.lora_B.copy_(B)
-        if shift_W0:
-            W = self.base.weight
-            W.copy_((W.float() - self.scaling * B.float() @ A.float()).to(W.dtype))
-            self.W0_shift = (B.detach().float().cpu().clone(), A.detach().float().cpu().clone())
-
-    @torch.no_grad()
-    def merge(self):
-        # W <- W0 + s·B A; idempotent
-        if not self.merged:
-            W = self.base.weight
-            W.copy_((W.float() + self.scaling * self.lora_B @ self.lora_A).to(W.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            W = self.base.weight
-            W.copy_((W.float() - self.scaling * self.lora_B @ self.lora_A).to(W.dtype))
-            self.merged = False
-
-
-def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=LORA_TARGETS, rslora: bool = False,
-             dropout: float = 0.0, freeze_A: bool = False) -> dict:
-    """Wrap every nn.Linear whose last name is in targets; returns {name: LoRALinear}."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "output"}
-    valid = sorted({n.rsplit(".", 1)[-1] for n in linears})
-    unknown = sorted(set(targets) - set(valid))
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA target modules {unknown or list(targets)}; valid: {valid}")
-    chosen = {n: lin for n, lin in linears.items() if n.rsplit(".", 1)[-1] in targets}
-    name, lin = min(chosen.items(), key=lambda kv: min(kv[1].weight.shape))
-    if not 1 <= r <= min(lin.weight.shape):
-        d_out, d_in = lin.weight.shape
-        raise ValueError(f"LoRA rank r={r} is impossible for this model: need 1 <= r <= {min(d_out, d_in)} "
-                         f"(smallest target {name} is {d_out}x{d_in})")
-    wrapped = {}
-    for name, lin in linears.items():
-        if name.rsplit(".", 1)[-1] in targets:
-            parent_name, child = name.rsplit(".", 1)
-            layer = LoRALinear(lin, r, alpha, rslora=rslora, dropout=dropout, freeze_A=freeze_A)
-            setattr(model.get_submodule(parent_name), child, layer)
-            wrapped[name] = layer
-    return wrapped
-
-
-def lora_layers(model: nn.Module) -> dict:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def mark_only_lora_trainable(model: nn.Module):
-    for n, p in model.named_parameters():
-        p.requires_grad_(False)
-    for layer in lora_layers(model).values():
-        layer.lora_A.requires_grad_(not layer.freeze_A)
-        layer.lora_B.requires_grad_(True)
-
-
-def lora_state(model: nn.Module) -> dict:
-    """The adapter alone: A, B per layer, how to rebuild a shifted W0, and the config to rebuild it."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRA layers")
-    one = next(iter(layers.values()))
-    return {
-        "config": {"r": one.r, "alpha": one.alpha, "rslora": one.rslora, "scaling": one.scaling,
-                   "targets": sorted({n.rsplit(".", 1)[-1] for n in layers})},
-        "lora": {n: {"A": m.lora_A.detach().cpu().clone(), "B": m.lora_B.detach().cpu().clone()}
-                 for n, m in layers.items()},
-        "W0_shift": {n: {"B0": m.W0_shift[0], "A0": m.W0_shift[1]} for n, m in layers.items()
-                     if m.W0_shift is not None},
-    }
-
-
-def save_lora(model: nn.Module, path):
-    atomic_save(lora_state(model), path)
-
-
-def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: bool = False) -> dict:
-    """Add LoRA to a base model as the adapter describes, apply its W0 shift, load A and B."""
-    state = path_or_state
-    if not isinstance(state, dict):
-        if not Path(state).is_file():
-            raise FileNotFoundError(f"LoRA adapter not found: {state}")
-        state = torch.load(state, map_location="cpu", weights_only=True)
-    cfg = state["config"]
-    layers = lora_layers(model) or add_lora(model, cfg["r"], cfg["alpha"], cfg["targets"], cfg["rslora"],
-                                            dropout=dropout, freeze_A=freeze_A)
-    if set(layers) != set(state["lora"]):
-        raise ValueError(f"adapter layers {sorted(state['lora'])[:3]}... do not match the model's {sorted(layers)[:3]}...")
-    for n, m in layers.items():
-        dev = m.lora_A.device
-        if n in state.get("W0_shift", {}):
-            s = state["W0_shift"][n]
-            m.init_(s["A0"].to(dev), s["B0"].to(dev), shift_W0=True)
-        m.init_(state["lora"][n]["A"].to(dev), state["lora"][n]["B"].to(dev))
-    return layers
-
-
-# -----------------------------------------------------------------------------
 # sampling CLI
 
 
 def main(argv=None):
     here = Path(__file__).resolve().parent
     default_dir = here.parent / "shared" / "data" / "stories260K"
-    p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face folder).")
+    p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face folder).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=str(default_dir / "stories260K.bin"), help="checkpoint file or folder")
     p.add_argument("--tokenizer", default=str(default_dir / "tok512.model"), help="sentencepiece .model file")
     p.add_argument("--prompt", default="Once upon a time", help="text to continue (BOS is prepended)")

@@ -2,9 +2,10 @@ r"""
 LoRA-DA: data-aware initialization of LoRA from an asymptotic bias-variance objective
 (Data-Aware Initialization for Low-Rank Adaptation via Asymptotic Analysis, arXiv 2510.24561).
 
-Read top to bottom beside theory.md: statistics (Eq. 4) -> natural-gradient shift (Eq. 5) ->
-bias and variance terms (Eqs. 6-8) -> guidance matrix and its smallest eigenvectors (Eqs. 9-10)
--> the LoRA factors (Eq. 11). Then the model-level driver and the peer initializations.
+Read top to bottom beside theory.md; each section banner names the theory.md section it implements:
+statistics (§4, Eq. 4) -> natural-gradient shift (§5, Eq. 5) -> bias and variance terms (§6, Eqs. 6-8)
+-> guidance matrix and its smallest eigenvectors (§7, Eqs. 9-10) -> the LoRA factors (§8, Eq. 11).
+Then the peer initializations (§10) and the model-level driver.
 
 Torch layout throughout: W0 is (d_out, d_in), lora_A is (r, d_in), lora_B is (d_out, r).
 
@@ -21,7 +22,8 @@ Torch layout throughout: W0 is (d_out, d_in), lora_A is (r, d_in), lora_B is (d_
 | guidance matrix                | M                 | (d_in, d_in), −α ΔWᵀΔW + β tr(Y⁻¹)/N · Z⁻¹, Eq. 9       |
 | α, β                           | alpha, beta       | weights of bias and variance (authors: 1, 0.03)       |
 | γ                              | gamma             | B A = ΔW A0 A0ᵀ / γ (authors: 1024)                    |
-| N                              | n_samples         | size of the fine-tuning set                           |
+| N                              | N                 | size of the fine-tuning set                           |
+| r                              | r                 | LoRA rank                                             |
 | λ                              | damping           | added to Z's diagonal and to Y (authors: 1e-6)        |
 
 This file imports torch only; any model works whose target layers carry a 2-D weight
@@ -32,30 +34,60 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 
 @dataclass
 class DAConfig:
-    """LoRA-DA's settings; the defaults are the authors' runs (conf/lora_da.yaml)."""
+    """Every initialization's settings, in one place; the defaults are the authors' released runs
+    (LoRA-DA: conf/lora_da.yaml; the peers: ../shared/paper/peer-recipes.md). train.py builds its
+    command line from these defaults, so they are stated nowhere else."""
+    # LoRA-DA (theory.md §6-8)
     alpha: float = 1.0           # α: weight of the bias term
     beta: float = 0.03           # β: weight of the variance term (the theory says 1; 0.03 is tuned for LLMs)
     gamma: float = 1024.0        # γ: B A = ΔW A0 A0ᵀ / γ
     damping: float = 1e-6        # λ: added to Z's diagonal and to Y
-    n_samples: int = 100_000     # N: size of the fine-tuning set, in the variance term
+    N: int = 100_000             # N: size of the fine-tuning set, in the variance term
     normalize: bool = True       # divide ΔW by its largest singular value σ (and the variance by σ²)
     y_full: bool = False         # Y as a full (d_out, d_out) matrix instead of its diagonal
     token_mask: str = "all"      # tokens counted in Z and Y: "all" non-padding tokens, or "labels" (loss tokens)
-    batch_size: int = 1          # samples per forward pass; 1 is the explicit per-sample loop
-    layers_per_pass: Optional[int] = None  # transformer blocks per statistics pass (bounds memory); None: all
     solver: str = "eigh"         # "eigh" (dense) or "lobpcg" (large d_in; falls back to eigh)
-    seed: int = 9                # seeds every randomized start, per layer
+    # the statistics pass (theory.md §4)
+    stats_batch_size: int = 16   # samples per forward pass; 1 is the explicit per-sample loop (same numbers)
+    layers_per_pass: int = 0     # transformer blocks per statistics pass (bounds memory on 7B); 0: all
+    seed: int = 9                # seeds every randomized start (LoRA, Gaussian, LOBPCG), per layer
+    # the peers (theory.md §10), as their authors released them
+    ga_gamma: float = 16.0       # LoRA-GA's γ (reproduce/conf/init/gradient.yaml)
+    ga_samples: int = 8          # LoRA-GA's gradient samples (reproduce config: bsz 1 × 8 iters)
+    one_gamma: float = 128.0     # LoRA-One's γ
+    one_samples: int = 8         # LoRA-One's gradient samples
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "gamma", "damping", "ga_gamma", "one_gamma"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+        if self.alpha < 0 or self.beta < 0 or (self.alpha == 0 and self.beta == 0):
+            raise ValueError(f"need alpha >= 0 and beta >= 0, not both zero; got alpha={self.alpha}, beta={self.beta}")
+        for name in ("gamma", "damping", "ga_gamma", "one_gamma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("N", "stats_batch_size", "ga_samples", "one_samples"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v}")
+        if not isinstance(self.layers_per_pass, int) or self.layers_per_pass < 0:
+            raise ValueError(f"layers_per_pass must be an integer >= 0 (0: all blocks), got {self.layers_per_pass}")
+        if self.token_mask not in ("all", "labels"):
+            raise ValueError(f"token_mask must be 'all' or 'labels', got {self.token_mask!r}")
+        if self.solver not in ("eigh", "lobpcg"):
+            raise ValueError(f"solver must be 'eigh' or 'lobpcg', got {self.solver!r}")
 
 
 # =============================================================================
-# 1. Statistics (theory.md Eq. 4): G, Z, Y by explicit autograd loops
+# theory.md §4, Eq. 4. Statistics: G, Z, Y by explicit autograd loops
 # =============================================================================
 
 def weight_of(layer) -> torch.Tensor:
@@ -92,19 +124,19 @@ def recording(model: torch.nn.Module, layers: dict):
     finally:
         for h in handles:
             h.remove()
-        for p, r in requires.items():
-            p.requires_grad_(r)
+        for p, req in requires.items():
+            p.requires_grad_(req)
         model.train(was_training)
 
 
-def counted_tokens(batch: dict, token_mask: str, B: int, T: int, device) -> torch.Tensor:
-    """(B, T) bool: the tokens whose x and g enter Z and Y. "all": every non-padding token (the
+def counted_tokens(batch: dict, token_mask: str, bsz: int, T: int, device) -> torch.Tensor:
+    """(bsz, T) bool: the tokens whose x and g enter Z and Y. "all": every non-padding token (the
     authors' default); "labels": only tokens whose target is scored (targets != -100)."""
     if token_mask == "labels" and "targets" in batch:
-        return (batch["targets"] != -100).to(device).view(B, T)
+        return (batch["targets"] != -100).to(device).view(bsz, T)
     if "attention_mask" in batch:
-        return batch["attention_mask"].to(device).bool().view(B, T)
-    return torch.ones(B, T, dtype=torch.bool, device=device)
+        return batch["attention_mask"].to(device).bool().view(bsz, T)
+    return torch.ones(bsz, T, dtype=torch.bool, device=device)
 
 
 @dataclass
@@ -114,15 +146,14 @@ class Statistics:
     G: dict
     Z: dict = field(default_factory=dict)
     Y: dict = field(default_factory=dict)
-    n_samples: int = 0
-    n_tokens: int = 0
+    n_tokens: int = 0            # counted tokens, the denominator of Z and Y
 
 
 def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, batch_size: int = 1,
                     token_mask: str = "all", y_full: bool = False, factors: bool = True) -> Statistics:
     """Eq. 4: G = E_s[∇_W L_s], Z = E_t[x xᵀ], Y = E_t[g gᵀ] with g = ∂L_s/∂h at token t.
 
-    samples: list of dicts of tensors (one sample each, no batch dim); loss_fn(model, batch) -> (B,)
+    samples: list of dicts of tensors (one sample each, no batch dim); loss_fn(model, batch) -> (bsz,)
     per-sample losses. batch_size=1 is the explicit per-sample loop; a larger batch gives the same
     numbers because sample i's outputs enter only L_i, so ∂(Σ_j L_j)/∂h_i = ∂L_i/∂h_i."""
     if len(samples) == 0:
@@ -131,50 +162,49 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
         raise ValueError(f"token_mask must be 'all' or 'labels', got {token_mask!r}")
     device = next(model.parameters()).device
     names = list(layers)
-    shape = {n: tuple(weight_of(layers[n]).shape) for n in names}  # (d_out, d_in)
-    G = {n: torch.zeros(shape[n], device=device) for n in names}
+    shape = {name: tuple(weight_of(layers[name]).shape) for name in names}  # (d_out, d_in)
+    G = {name: torch.zeros(shape[name], device=device) for name in names}
     Z, Y, z_owner = {}, {}, {}
     n_tokens = 0
     with recording(model, layers) as io:
         for start in range(0, len(samples), batch_size):
-            batch = collate(samples[start:start + batch_size])
-            B = len(samples[start:start + batch_size])
-            losses = loss_fn(model, {k: v.to(device) for k, v in batch.items()})  # (B,)
-            for n in names:  # forward order: the first layer whose output is not finite is the culprit
-                if not torch.isfinite(io[n][1]).all():
-                    raise ValueError(f"non-finite output of layer {n} on samples {start}..{start + B - 1}")
-            if losses.shape != (B,):
-                raise ValueError(f"loss_fn must return one loss per sample, shape ({B},), got {tuple(losses.shape)}")
+            chunk = samples[start:start + batch_size]
+            batch, bsz = collate(chunk), len(chunk)
+            losses = loss_fn(model, {k: v.to(device) for k, v in batch.items()})  # (bsz,)
+            for name in names:  # forward order: the first layer whose output is not finite is the culprit
+                if not torch.isfinite(io[name][1]).all():
+                    raise ValueError(f"non-finite output of layer {name} on samples {start}..{start + bsz - 1}")
+            if losses.shape != (bsz,):
+                raise ValueError(f"loss_fn must return one loss per sample, shape ({bsz},), got {tuple(losses.shape)}")
             if not torch.isfinite(losses).all():
-                raise ValueError(f"non-finite loss on samples {start}..{start + B - 1}")
+                raise ValueError(f"non-finite loss on samples {start}..{start + bsz - 1}")
             # g_l = ∂(Σ_i L_i)/∂h_l for every target layer l: one backward for the whole batch
-            grads = torch.autograd.grad(losses.sum(), [io[n][1] for n in names])
+            grads = torch.autograd.grad(losses.sum(), [io[name][1] for name in names])
             if not z_owner:  # layers fed the very same input tensor (wq/wk/wv, w1/w3) share Z
                 seen = {}
-                for n in names:
-                    z_owner[n] = seen.setdefault(id(io[n][0]), n)
-            for n, g in zip(names, grads):
-                d_out, d_in = shape[n]
-                x = io[n][0].detach().float().reshape(B, -1, d_in)  # (B, T, d_in)
-                g = g.float().reshape(B, -1, d_out)                 # (B, T, d_out)
+                for name in names:
+                    z_owner[name] = seen.setdefault(id(io[name][0]), name)
+            for name, g in zip(names, grads):
+                d_out, d_in = shape[name]
+                x = io[name][0].detach().float().reshape(bsz, -1, d_in)  # (bsz, T, d_in)
+                g = g.float().reshape(bsz, -1, d_out)                     # (bsz, T, d_out)
                 if not torch.isfinite(g).all():
-                    raise ValueError(f"non-finite output gradient in layer {n}")
+                    raise ValueError(f"non-finite output gradient in layer {name}")
                 # G += Σ_i Σ_t g_it x_itᵀ: the per-sample weight gradient, summed
-                G[n] += torch.einsum("bto,bti->oi", g, x)
-                m = counted_tokens(batch, token_mask, B, x.shape[1], device)
-                if n == names[0]:
+                G[name] += torch.einsum("bto,bti->oi", g, x)
+                m = counted_tokens(batch, token_mask, bsz, x.shape[1], device)
+                if name == names[0]:
                     n_tokens += int(m.sum())
                 if not factors:
                     continue
-                xm, gm = x[m], g[m]                                 # (n_counted, d_in), (n_counted, d_out)
-                if z_owner[n] == n:
+                xm, gm = x[m], g[m]                                       # (n_counted, d_in), (n_counted, d_out)
+                if z_owner[name] == name:
                     # Z += Σ_t x_t x_tᵀ
-                    Z[n] = Z.get(n, 0) + xm.T @ xm
+                    Z[name] = Z.get(name, 0) + xm.T @ xm
                 # Y += Σ_t g_t g_tᵀ (or its diagonal Σ_t g_t²)
-                Y[n] = Y.get(n, 0) + (gm.T @ gm if y_full else (gm * gm).sum(0))
+                Y[name] = Y.get(name, 0) + (gm.T @ gm if y_full else (gm * gm).sum(0))
             io.clear()
-    n = len(samples)
-    stats = Statistics(G={k: v / n for k, v in G.items()}, n_samples=n, n_tokens=n_tokens)
+    stats = Statistics(G={k: v / len(samples) for k, v in G.items()}, n_tokens=n_tokens)
     if factors:
         if n_tokens == 0:
             raise ValueError("no counted tokens: every token was masked out (check token_mask and the masks)")
@@ -206,7 +236,7 @@ def exact_fisher(model, samples: list, loss_fn: Callable, layer) -> tuple:
 
 
 # =============================================================================
-# 2. The natural-gradient estimate of the target shift (theory.md Eq. 5)
+# theory.md §5, Eq. 5. The natural-gradient estimate of the target shift
 # =============================================================================
 
 def _check_inputs(G, Z, Y, name=""):
@@ -224,7 +254,10 @@ def _check_inputs(G, Z, Y, name=""):
 
 
 def damped_cholesky(Z, damping, what="Z", name=""):
-    """Cholesky factor of sym(Z) + λI; raises with the damping tried when Z is not positive definite."""
+    """Cholesky factor of sym(Z) + λI in fp64; raises with the damping tried when Z is not positive definite."""
+    if not (math.isfinite(damping) and damping > 0):
+        raise ValueError(f"damping must be a finite number > 0, got {damping}")
+    Z = Z.double()
     Zd = (Z + Z.T) / 2 + damping * torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device)
     L, info = torch.linalg.cholesky_ex(Zd)
     if info.item() != 0:
@@ -235,10 +268,11 @@ def damped_cholesky(Z, damping, what="Z", name=""):
     return L
 
 
-def natural_gradient(G, Z, Y, damping=1e-6, name=""):
-    r"""Eq. 5: $\Delta W = -F^{-1}\nabla L$ with $F \approx Z\otimes Y$, i.e. $\Delta W = -Y^{-1} G Z^{-1}$."""
-    G, Z, Y = G.double(), Z.double(), Y.double()
-    Lz = damped_cholesky(Z, damping, "Z", name)
+def natural_gradient(G, Z, Y, damping, name="", Lz=None):
+    r"""Eq. 5: $\Delta W = -F^{-1}\nabla L$ with $F \approx Z\otimes Y$, i.e. $\Delta W = -Y^{-1} G Z^{-1}$.
+    Lz: the damped Cholesky factor of Z, when the caller already has it."""
+    G, Y = G.double(), Y.double()
+    Lz = damped_cholesky(Z, damping, "Z", name) if Lz is None else Lz
     GZinv = torch.cholesky_solve(G.T, Lz).T                       # G Z⁻¹   (Z symmetric)
     if Y.dim() == 1:
         Yd = Y + damping
@@ -250,7 +284,7 @@ def natural_gradient(G, Z, Y, damping=1e-6, name=""):
     return -torch.cholesky_solve(GZinv, Ly)                       # −Y⁻¹ G Z⁻¹, Y full
 
 
-def trace_Y_inv(Y, damping=1e-6):
+def trace_Y_inv(Y, damping):
     """tr(Y⁻¹) of the damped output factor."""
     Y = Y.double()
     if Y.dim() == 1:
@@ -259,7 +293,7 @@ def trace_Y_inv(Y, damping=1e-6):
 
 
 # =============================================================================
-# 3. The asymptotic objective (theory.md Eqs. 6-8)
+# theory.md §6, Eqs. 6-8. The asymptotic objective
 # =============================================================================
 
 def bias_term(dW, A0):
@@ -269,28 +303,30 @@ def bias_term(dW, A0):
     return dW.pow(2).sum() - (dW @ A0).pow(2).sum()
 
 
-def variance_term(Z, Y, A0, n_samples, damping=1e-6):
-    r"""Eq. 7: the estimation noise inside span(A0), $\frac{\mathrm{tr}(Y^{-1})}{N}\,\mathrm{tr}(A_0^\top Z^{-1}A_0)$."""
-    Zinv = torch.cholesky_inverse(damped_cholesky(Z.double(), damping, "Z"))
+def variance_term(Z, Y, A0, N, damping, Lz=None):
+    r"""Eq. 7: the estimation noise inside span(A0), $\frac{\mathrm{tr}(Y^{-1})}{N}\,\mathrm{tr}(A_0^\top Z^{-1}A_0)$.
+    Lz: the damped Cholesky factor of Z, when the caller already has it."""
+    Lz = damped_cholesky(Z, damping, "Z") if Lz is None else Lz
     A0 = A0.double()
-    return trace_Y_inv(Y, damping) / n_samples * (A0.T @ Zinv @ A0).trace()
+    # tr(A0ᵀ Z⁻¹ A0) = Σ A0 ∘ (Z⁻¹ A0)
+    return trace_Y_inv(Y, damping) / N * (A0 * torch.cholesky_solve(A0, Lz)).sum()
 
 
-def objective(dW, Z, Y, A0, n_samples, alpha=1.0, beta=1.0, damping=1e-6):
+def objective(dW, Z, Y, A0, N, *, alpha, beta, damping):
     """Eq. 8: α·bias + β·variance, the asymptotic risk of LoRA with input subspace A0."""
-    return alpha * bias_term(dW, A0) + beta * variance_term(Z, Y, A0, n_samples, damping)
+    return alpha * bias_term(dW, A0) + beta * variance_term(Z, Y, A0, N, damping)
 
 
 # =============================================================================
-# 4. The solution: smallest eigenvectors of the guidance matrix (theory.md Eqs. 9-10)
+# theory.md §7, Eqs. 9-10. The solution: smallest eigenvectors of the guidance matrix
 # =============================================================================
 
-def guidance_matrix(dW, Zinv, trY_inv, n_samples, alpha, beta):
-    r"""Eq. 9: $M = -\alpha\,\Delta W^\top\Delta W + \beta\,\frac{\mathrm{tr}(Y^{-1})}{N} Z^{-1}$, so that
-    Eq. 8 = α‖ΔW‖² + tr(A0ᵀ M A0)."""
+def guidance_matrix(dW, Zinv, c, alpha, beta):
+    r"""Eq. 9: $M = -\alpha\,\Delta W^\top\Delta W + \beta\,c\,Z^{-1}$ with the variance coefficient
+    $c = \mathrm{tr}(Y^{-1})/N$, so that Eq. 8 = α‖ΔW‖² + tr(A0ᵀ M A0)."""
     M = -alpha * dW.T @ dW
     if beta != 0:
-        M = M + beta * (trY_inv / n_samples) * Zinv
+        M = M + beta * c * Zinv
     return (M + M.T) / 2
 
 
@@ -328,63 +364,55 @@ def smallest_eigenvectors(M, r, solver="eigh", seed=0):
 
 
 # =============================================================================
-# 5. The factors (theory.md Eq. 11)
+# theory.md §8, Eq. 11. The factors
 # =============================================================================
 
-def lora_da_solve(G, Z, Y, rank, n_samples, *, alpha=1.0, beta=0.03, gamma=1024.0, damping=1e-6,
-                  normalize=True, solver="eigh", seed=0, name=""):
-    """Eqs. 5-11 for one layer; returns a dict with lora_A, lora_B and the diagnostics."""
+def lora_da_solve(G, Z, Y, r, cfg: DAConfig, *, seed=0, name=""):
+    """Eqs. 5-11 for one layer, each by the function that theory.md names; returns a dict with
+    lora_A, lora_B and the diagnostics (A0, ΔW, σ, bias and variance at A0)."""
     _check_inputs(G, Z, Y, name)
     d_out, d_in = G.shape
-    if not isinstance(rank, int) or not 1 <= rank <= d_in:
-        raise ValueError(f"rank must be an integer in [1, d_in={d_in}], got {rank}")
-    if alpha < 0 or beta < 0 or (alpha == 0 and beta == 0):
-        raise ValueError(f"need alpha >= 0 and beta >= 0, not both zero; got alpha={alpha}, beta={beta}")
-    if n_samples < 1:
-        raise ValueError(f"n_samples (N, the fine-tuning set size) must be >= 1, got {n_samples}")
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+    if not isinstance(r, int) or not 1 <= r <= d_in:
+        raise ValueError(f"rank r must be an integer in [1, d_in={d_in}], got {r}")
+    where = f" in layer {name}" if name else ""
 
-    # ΔW = −Y⁻¹ G Z⁻¹                                                         (Eq. 5)
-    dW = natural_gradient(G, Z, Y, damping, name)
-    # σ = ‖ΔW‖₂; ΔW ← ΔW/σ, and the variance coefficient ← c/σ², as the authors' code (Eq. 11)
+    Lz = damped_cholesky(Z, cfg.damping, "Z", name)   # Z + λI = L Lᵀ, factored once for Eqs. 5, 7, 9
+    # ΔW = −Y⁻¹ G Z⁻¹                                                            (Eq. 5)
+    dW = natural_gradient(G, Z, Y, cfg.damping, name, Lz=Lz)
+    # σ = ‖ΔW‖₂; ΔW ← ΔW/σ, so the bias term is divided by σ² and the variance coefficient must be too,
+    # or β would be measured against the loss scale: c = tr(Y⁻¹)/(N σ²), as the authors' code (Eq. 11)
     sigma = torch.linalg.matrix_norm(dW, ord=2).item()
-    if normalize:
+    if cfg.normalize:
         if sigma == 0:
-            raise ValueError(f"the natural-gradient step is zero{' in layer ' + name if name else ''}: G = 0?")
-        dW = dW / sigma
-        n_eff = n_samples * sigma ** 2      # tr(Y⁻¹)/(N σ²)  ==  tr(Y⁻¹)/n_eff
+            raise ValueError(f"the natural-gradient step is zero{where}: G = 0?")
+        dW, var_scale = dW / sigma, 1.0 / sigma ** 2
     else:
-        n_eff = n_samples
-    Zinv = torch.cholesky_inverse(damped_cholesky(Z.double(), damping, "Z", name))
-    trYi = trace_Y_inv(Y, damping)
-    # M = −α ΔWᵀΔW + β tr(Y⁻¹)/N Z⁻¹                                          (Eq. 9)
-    M = guidance_matrix(dW, Zinv, trYi, n_eff, alpha, beta)
-    # A0 = the r eigenvectors of M with the smallest eigenvalues              (Eq. 10)
-    A0, used = smallest_eigenvectors(M, rank, solver, seed)
-    # lora_A = A0ᵀ/√γ, lora_B = ΔW A0/√γ, so B A = ΔW A0 A0ᵀ/γ                (Eq. 11)
-    lora_A = A0.T / math.sqrt(gamma)
-    lora_B = dW @ A0 / math.sqrt(gamma)
+        var_scale = 1.0
+    # M = −α ΔWᵀΔW + β c Z⁻¹,  c = tr(Y⁻¹)/N                                    (Eq. 9)
+    c = trace_Y_inv(Y, cfg.damping) / cfg.N * var_scale
+    M = guidance_matrix(dW, torch.cholesky_inverse(Lz), c, cfg.alpha, cfg.beta)
+    # A0 = the r eigenvectors of M with the smallest eigenvalues                 (Eq. 10)
+    A0, used = smallest_eigenvectors(M, r, cfg.solver, seed)
+    # lora_A = A0ᵀ/√γ, lora_B = ΔW A0/√γ, so B A = ΔW A0 A0ᵀ/γ                   (Eq. 11)
+    lora_A = A0.T / math.sqrt(cfg.gamma)
+    lora_B = dW @ A0 / math.sqrt(cfg.gamma)
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-        raise ValueError(f"non-finite LoRA-DA factor{' in layer ' + name if name else ''}; raise the damping")
-    bias = (dW.pow(2).sum() - (dW @ A0).pow(2).sum()).item()
-    var = (trYi / n_eff * (A0.T @ Zinv @ A0).trace()).item()
+        raise ValueError(f"non-finite LoRA-DA factor{where}; raise the damping")
+    # the two terms of Eq. 8 at the chosen A0 (in ΔW/σ units when normalized)    (Eqs. 6, 7)
+    bias = bias_term(dW, A0).item()
+    var = (variance_term(Z, Y, A0, cfg.N, cfg.damping, Lz=Lz) * var_scale).item()
     return {"lora_A": lora_A.float(), "lora_B": lora_B.float(), "A0": A0, "dW": dW, "sigma": sigma,
             "bias": bias, "variance": var, "solver": used}
 
 
-def lora_da_factors(G, Z, Y, rank, n_samples, *, alpha=1.0, beta=0.03, gamma=1024.0, damping=1e-6,
-                    normalize=True, solver="eigh", seed=0):
+def lora_da_factors(G, Z, Y, r, cfg: DAConfig, *, seed=0):
     """The closed form of LoRA-DA for one layer (Eqs. 5-11): (lora_A (r, d_in), lora_B (d_out, r)), fp32."""
-    out = lora_da_solve(G, Z, Y, rank, n_samples, alpha=alpha, beta=beta, gamma=gamma, damping=damping,
-                        normalize=normalize, solver=solver, seed=seed)
+    out = lora_da_solve(G, Z, Y, r, cfg, seed=seed)
     return out["lora_A"], out["lora_B"]
 
 
 # =============================================================================
-# 6. The peer initializations, each as its authors released it (see ../shared/paper/peer-recipes.md)
+# theory.md §10. The peer initializations, each as its authors released it (../shared/paper/peer-recipes.md)
 # =============================================================================
 
 def svd_canonical(W):
@@ -396,26 +424,37 @@ def svd_canonical(W):
     return U * s, S, Vh * s[:, None]
 
 
+def _check_rank(r, d_out, d_in, method):
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(d_out, d_in):
+        raise ValueError(f"{method}: rank r must be an integer in [1, {min(d_out, d_in)}] for a {d_out}x{d_in} "
+                         f"layer, got {r}")
+
+
 def lora_init(d_out, d_in, r, generator):
     """LoRA (Hu et al. 2021; PEFT default): A ~ Kaiming-uniform(a=√5) = U(−1/√d_in, 1/√d_in), B = 0."""
+    _check_rank(r, d_out, d_in, "LoRA")
     A = (torch.rand(r, d_in, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
     return A.float(), torch.zeros(d_out, r)
 
 
 def gaussian_init(d_out, d_in, r, generator):
     """PEFT's "gaussian": A ~ N(0, (1/r)²), B = 0."""
+    _check_rank(r, d_out, d_in, "Gaussian")
     return (torch.randn(r, d_in, generator=generator, dtype=torch.float64) / r).float(), torch.zeros(d_out, r)
 
 
 def pissa_init(W0, r, scaling):
     """PiSSA (Meng et al. 2024): W0 = U S Vᵀ; A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s), so s·B A is the best
     rank-r part of W0, which is then subtracted from W0 (W0 <- W0 − s·B A)."""
+    _check_rank(r, *W0.shape, "PiSSA")
+    if not (math.isfinite(scaling) and scaling > 0):
+        raise ValueError(f"PiSSA: the LoRA scaling s must be a finite number > 0, got {scaling}")
     U, S, Vh = svd_canonical(W0)
     root = (S[:r] / scaling).sqrt()
     return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()
 
 
-def lora_ga_init(G, r, gamma=16.0):
+def lora_ga_init(G, r, gamma):
     """LoRA-GA (Wang et al. 2024, official code): G = U S Vᵀ; A = top-r right singular vectors,
     B = the next r left singular vectors, both × d_out^¼/√γ; then W0 <- W0 − s·B A."""
     d_out, d_in = G.shape
@@ -426,9 +465,10 @@ def lora_ga_init(G, r, gamma=16.0):
     return (Vh[:r] * c).float(), (U[:, r:2 * r] * c).float()
 
 
-def lora_one_init(G, r, gamma=128.0):
+def lora_one_init(G, r, gamma):
     """LoRA-One (Zhang et al. 2025): −G = U S Vᵀ; B = U_r √S_r/√(σ1 γ), A = √S_r V_rᵀ/√(σ1 γ), so
     B A = (−G)_r/(σ1 γ): one normalized gradient step. W0 is unchanged."""
+    _check_rank(r, *G.shape, "LoRA-One")
     U, S, Vh = svd_canonical(-G)
     if S[0] == 0:
         raise ValueError("LoRA-One: the gradient is zero")
@@ -437,48 +477,48 @@ def lora_one_init(G, r, gamma=128.0):
 
 
 # =============================================================================
-# 7. Initializing a model
+# Initializing a model: statistics and solve for every LoRA layer (not in theory.md: plumbing)
 # =============================================================================
 
 def lora_targets(model) -> dict:
     """The model's LoRA layers (anything with lora_A, lora_B and an init_ method), by name."""
-    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "init_")}
+    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "init_")}
 
 
-def layer_groups(names: list, per_pass: Optional[int]) -> list:
-    """Split layer names into passes of `per_pass` transformer blocks (by the N in 'layers.N.')."""
+def layer_groups(names: list, per_pass: int) -> list:
+    """Split layer names into passes of `per_pass` transformer blocks (by the i in 'layers.i.'); 0: one pass."""
     if not per_pass:
         return [names]
     if per_pass < 1:
         raise ValueError(f"layers_per_pass must be >= 1, got {per_pass}")
 
-    def block(n):
-        parts = n.split(".")
+    def block(name):
+        parts = name.split(".")
         return int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
-    blocks = sorted({block(n) for n in names})
+    blocks = sorted({block(name) for name in names})
     chunks = [set(blocks[i:i + per_pass]) for i in range(0, len(blocks), per_pass)]
-    return [[n for n in names if block(n) in c] for c in chunks]
+    return [[name for name in names if block(name) in c] for c in chunks]
 
 
 def causal_lm_losses(model, batch):
     """Per-sample loss of a causal LM: the mean cross-entropy over the sample's scored tokens
-    (targets != -100), as the HF loss of one sequence. batch: tokens, targets (B, T)."""
+    (targets != -100), as the HF loss of one sequence. batch: tokens, targets (bsz, T)."""
     return sequence_losses(model(batch["tokens"]), batch["targets"])
 
 
 def sequence_losses(logits, targets):
-    """(B, T, V) logits, (B, T) targets with -100 where unscored -> (B,) mean CE over each row's scored tokens."""
+    """(bsz, T, V) logits, (bsz, T) targets with -100 where unscored -> (bsz,) mean CE over each row's scored tokens."""
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                            reduction="none").view(targets.shape)
     return ce.sum(1) / (targets != -100).sum(1).clamp_min(1)
 
 
 METHODS = ("lora", "gaussian", "pissa", "ga", "one", "da")
+SAMPLES_USED = {"ga": "ga_samples", "one": "one_samples"}  # the peers' own sample counts; LoRA-DA uses all
 
 
 def initialize(model, method: str, samples: list = None, loss_fn: Callable = causal_lm_losses,
-               cfg: DAConfig = None, *, ga_gamma: float = 16.0, one_gamma: float = 128.0, one_samples: int = 8,
-               seed: int = 0, log: Callable = None) -> dict:
+               cfg: DAConfig = None, log: Callable = None) -> dict:
     """Write the chosen initialization into every LoRA layer of `model`; returns a report.
     All factors are computed first and written last, so an error leaves the model untouched."""
     cfg = cfg or DAConfig()
@@ -495,51 +535,51 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
     factors = {}  # name -> (A, B, shift_W0)
 
     if method in ("lora", "gaussian", "pissa"):
-        for n, m in layers.items():
+        for name, m in layers.items():
             d_out, d_in = weight_of(m).shape
-            gen = torch.Generator().manual_seed(layer_seed(seed, n))
+            gen = torch.Generator().manual_seed(layer_seed(cfg.seed, name))
             if method == "pissa":
                 A, B = pissa_init(weight_of(m).detach().float(), m.r, m.scaling)
-                factors[n] = (A, B, True)
+                factors[name] = (A, B, True)
             else:
                 A, B = (lora_init if method == "lora" else gaussian_init)(d_out, d_in, m.r, gen)
-                factors[n] = (A, B, False)
+                factors[name] = (A, B, False)
         report["seconds"]["solve"] = time.perf_counter() - t0
 
     else:  # data-aware: statistics and solve, one group of transformer blocks at a time (bounded memory)
         report["seconds"].update(statistics=0.0, solve=0.0)
-        used = samples[:one_samples] if method == "one" else samples
+        used = samples[:getattr(cfg, SAMPLES_USED[method])] if method in SAMPLES_USED else samples
+        report["samples"] = len(used)
         groups = layer_groups(list(layers), cfg.layers_per_pass)
         for gi, names in enumerate(groups):
             t1 = time.perf_counter()
-            group = {n: layers[n] for n in names}
-            stats = kfac_statistics(model, used, loss_fn, group, batch_size=cfg.batch_size, token_mask=cfg.token_mask,
-                                    y_full=cfg.y_full, factors=(method == "da"))
+            group = {name: layers[name] for name in names}
+            stats = kfac_statistics(model, used, loss_fn, group, batch_size=cfg.stats_batch_size,
+                                    token_mask=cfg.token_mask, y_full=cfg.y_full, factors=(method == "da"))
             t2 = time.perf_counter()
             report["seconds"]["statistics"] += t2 - t1
-            for n in names:
-                m, G = layers[n], stats.G[n]
+            for name in names:
+                m, G = layers[name], stats.G[name]
                 if method == "ga":    # W0 <- W0 − s·B A: the output is unchanged at step 0
-                    factors[n] = (*lora_ga_init(G.cpu(), m.r, ga_gamma), True)
+                    factors[name] = (*lora_ga_init(G.cpu(), m.r, cfg.ga_gamma), True)
                 elif method == "one":
-                    factors[n] = (*lora_one_init(G.cpu(), m.r, one_gamma), False)
+                    factors[name] = (*lora_one_init(G.cpu(), m.r, cfg.one_gamma), False)
                 else:
-                    out = lora_da_solve(G, stats.Z[n], stats.Y[n], m.r, cfg.n_samples, alpha=cfg.alpha,
-                                        beta=cfg.beta, gamma=cfg.gamma, damping=cfg.damping, normalize=cfg.normalize,
-                                        solver=cfg.solver, seed=layer_seed(cfg.seed, n), name=n)
-                    factors[n] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
-                    Yd = stats.Y[n] if stats.Y[n].dim() == 1 else stats.Y[n].diagonal()
-                    report["layers"][n] = {"sigma": out["sigma"], "bias": out["bias"], "variance": out["variance"],
-                                           "Y_median": Yd.median().item(), "damping": cfg.damping,
-                                           "solver": out["solver"]}
+                    out = lora_da_solve(G, stats.Z[name], stats.Y[name], m.r, cfg, seed=layer_seed(cfg.seed, name),
+                                        name=name)
+                    factors[name] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
+                    Yd = stats.Y[name] if stats.Y[name].dim() == 1 else stats.Y[name].diagonal()
+                    report["layers"][name] = {"sigma": out["sigma"], "bias": out["bias"],
+                                              "variance": out["variance"], "Y_median": Yd.median().item(),
+                                              "damping": cfg.damping, "solver": out["solver"]}
             report["seconds"]["solve"] += time.perf_counter() - t2
             log(f"{method} init, pass {gi + 1}/{len(groups)}: {len(names)} layers, {len(used)} samples, "
                 f"{time.perf_counter() - t1:.1f}s")
             del stats
 
     t3 = time.perf_counter()
-    for n, (A, B, shift) in factors.items():
-        m = layers[n]
+    for name, (A, B, shift) in factors.items():
+        m = layers[name]
         m.init_(A.to(m.lora_A.device), B.to(m.lora_B.device), shift_W0=shift)
     report["seconds"]["write"] = time.perf_counter() - t3
     report["seconds"]["total"] = time.perf_counter() - t0

@@ -1,5 +1,5 @@
 """
-Synthetic models where LoRA-DA's theory can be checked exactly (theory.md §8): the tests in
+Synthetic models where LoRA-DA's theory can be checked exactly (theory.md §9 says where it is): the tests in
 tests/test_theory.py and notebooks/01 build on them, so both run the same code.
 
 - LinearGaussian: y = W x + ε, x ~ N(0, Σx), ε ~ N(0, Σε). The Fisher is exactly Kronecker,
@@ -83,7 +83,7 @@ class LinearGaussian:
         r = batch["y"] - model(batch["x"])
         return 0.5 * torch.einsum("bi,ij,bj->b", r, self.Y.to(r.dtype), r)
 
-    # --- simulated fine-tunes (theory.md §1-2 and §7) ---
+    # --- simulated fine-tunes (theory.md §1-2, and §9 for LoRA-FA) ---
 
     def fit_full(self, X, Yobs):
         """The full fine-tune: least squares = maximum likelihood, batched over trials."""
@@ -112,7 +112,6 @@ class LinearGaussian:
             B = self.fit_full(U, R)                                     # (trials, d_out, r)
             out.append((self.W0 + B @ A0.T - self.W_tgt).pow(2).sum((-1, -2)))
         return torch.stack(out, dim=1)
-
 
     def lora_fa_risk(self, A0, N):
         """The exact expected error of LoRA-FA on this model (theory.md Eq. 12, finite N): the Z-weighted

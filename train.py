@@ -12,6 +12,7 @@ Reads the real data from --data-dir, $LORA_DA_DATA, ./data or ../shared/data (se
 """
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ import llama
 import lora_da
 
 ROOT = Path(__file__).resolve().parent
+DA = lora_da.DAConfig()  # the initialization defaults
 
 # -----------------------------------------------------------------------------
 # settings: one grouped block of defaults; argparse is built from it, so `python train.py --init da` just works.
@@ -53,6 +55,7 @@ SETTINGS = {
         "download": (False, "download missing data files from their canonical homes and check sha256"),
         "max_len": (0, "longest sequence in tokens, prompts truncated from the left (0: 128 for sst2, the context for gsm8k)"),
         "train_limit": (0, "use only the first N training examples (0: all)"),
+        "val_size": (0, "hold out this many training examples (a seeded draw, never trained on) as a validation set"),
         "eval_limit": (0, "evaluate on the first N test examples (0: all 872 for sst2, 50 for gsm8k)"),
     },
     "lora": {
@@ -63,20 +66,23 @@ SETTINGS = {
         "dropout": (0.0, "LoRA dropout (paper: 0)"),
         "freeze_A": (False, "freeze A and train B only (LoRA-FA, the setting of the LoRA-DA theory)"),
     },
-    "init": {
+    "init": {  # defaults from lora_da.DAConfig, the one place they are set
         "init_samples": (256, "target samples for the init statistics (paper: 256, the head of the train set)"),
-        "beta": (0.03, "LoRA-DA beta, weight of the variance term (paper: 0.03)"),
-        "gamma": (1024.0, "LoRA-DA gamma: B A = dW A0 A0^T / gamma (paper: 1024)"),
-        "damping": (1e-6, "LoRA-DA damping lambda on Z and Y (paper: 1e-6)"),
-        "n_train": (0, "LoRA-DA N in the variance term (0: the training set size, as the paper)"),
-        "token_mask": ("all", "tokens counted in Z and Y: all non-padding (paper) or labels"),
-        "y_full": (False, "full output factor Y instead of its diagonal (paper: diagonal)"),
-        "stats_batch_size": (16, "samples per statistics pass (1: the explicit per-sample loop; same numbers)"),
-        "layers_per_pass": (0, "transformer blocks per statistics pass, bounds memory on 7B (paper: 8; 0: all)"),
-        "solver": ("eigh", "eigensolver for A0: eigh (dense) or lobpcg (large d_in)"),
-        "ga_gamma": (16.0, "LoRA-GA gamma (its paper: 16)"),
-        "one_gamma": (128.0, "LoRA-One gamma (its paper: 128)"),
-        "one_samples": (8, "LoRA-One gradient samples (its paper: 8)"),
+        "alpha": (DA.alpha, "LoRA-DA alpha, weight of the bias term (paper: 1)"),
+        "beta": (DA.beta, "LoRA-DA beta, weight of the variance term (paper: 0.03)"),
+        "gamma": (DA.gamma, "LoRA-DA gamma: B A = dW A0 A0^T / gamma (paper: 1024)"),
+        "damping": (DA.damping, "LoRA-DA damping lambda on Z and Y (paper: 1e-6)"),
+        "N": (0, "LoRA-DA N in the variance term (0: the training set size, as the paper)"),
+        "normalize": (DA.normalize, "divide dW by its largest singular value (paper's code: on)"),
+        "token_mask": (DA.token_mask, "tokens counted in Z and Y: all non-padding (paper) or labels"),
+        "y_full": (DA.y_full, "full output factor Y instead of its diagonal (paper: diagonal)"),
+        "stats_batch_size": (DA.stats_batch_size, "samples per statistics pass (1: the explicit per-sample loop; same numbers)"),
+        "layers_per_pass": (DA.layers_per_pass, "transformer blocks per statistics pass, bounds memory on 7B (paper: 8; 0: all)"),
+        "solver": (DA.solver, "eigensolver for A0: eigh (dense) or lobpcg (large d_in)"),
+        "ga_gamma": (DA.ga_gamma, "LoRA-GA gamma (its official code: 16)"),
+        "ga_samples": (DA.ga_samples, "LoRA-GA gradient samples (its reproduce config: 8; its example: 128)"),
+        "one_gamma": (DA.one_gamma, "LoRA-One gamma (its paper: 128)"),
+        "one_samples": (DA.one_samples, "LoRA-One gradient samples (its paper: 8)"),
     },
     "optim": {
         "lr": (2e-3, "peak learning rate of AdamW (paper: 2e-4 on 7B; a 260K model needs a larger one)"),
@@ -105,8 +111,12 @@ class UsageError(ValueError):
     pass
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every default in --help."""
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     for group, items in SETTINGS.items():
         g = p.add_argument_group(group)
         for name, (default, help_) in items.items():
@@ -121,18 +131,22 @@ def get_args(argv=None):
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         p.error(f"--init {cfg.init!r}: unknown {bad}; choose from {', '.join(METHODS)} (comma list) or all")
+    if len(set(methods)) != len(methods):
+        p.error(f"--init {cfg.init!r} names a method twice; each method runs once per seed")
     cfg.methods = methods
-    for name in ("lr", "steps", "batch_size", "grad_accum", "rank", "seeds", "init_samples", "stats_batch_size"):
+    for name, value in vars(cfg).items():  # NaN passes every comparison below: refuse it first
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("lr", "steps", "batch_size", "grad_accum", "rank", "seeds", "init_samples", "stats_batch_size",
+                 "ga_samples", "one_samples", "damping", "gamma", "ga_gamma", "one_gamma"):
         if getattr(cfg, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("beta", "weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit",
-                 "eval_limit", "n_train", "layers_per_pass"):
+    for name in ("alpha", "beta", "weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit",
+                 "eval_limit", "N", "layers_per_pass", "val_size"):
         if getattr(cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.warmup < 1:
         p.error(f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}")
-    if cfg.damping <= 0 or cfg.gamma <= 0:
-        p.error("--damping and --gamma must be > 0")
     return cfg
 
 
@@ -243,47 +257,59 @@ def final_number(text):
         return None
 
 
+VAL_SEED = 12345  # the validation draw is fixed: the same held-out examples for every method and seed
+
+
 class Task:
-    """Examples as token ids, truncation (counted, never silent) and batching."""
+    """The task's examples, encoded once: (prompt ids, answer ids) per split (train, val, test), with
+    truncation counted over each whole split (never silent), and right-padded batches."""
 
     def __init__(self, cfg, tok, data_dir, context):
-        self.name, self.tok = cfg.task, tok
+        self.name = cfg.task
         self.max_len = min(cfg.max_len or (128 if cfg.task == "sst2" else context), context)
         if cfg.task == "sst2":
-            self.train = read_sst2(data_dir / "sst2" / "train.tsv")
-            self.test = read_sst2(data_dir / "sst2" / "dev.tsv")
+            train = read_sst2(data_dir / "sst2" / "train.tsv")
+            test = read_sst2(data_dir / "sst2" / "dev.tsv")
             self.words = [tok.encode(w, bos=False) for w in SST2_WORDS]
         else:
-            self.train = read_gsm8k(data_dir / "gsm8k" / "train.jsonl")
-            self.test = read_gsm8k(data_dir / "gsm8k" / "test.jsonl")
+            train = read_gsm8k(data_dir / "gsm8k" / "train.jsonl")
+            test = read_gsm8k(data_dir / "gsm8k" / "test.jsonl")
         if cfg.train_limit:
-            self.train = self.train[:cfg.train_limit]
-        self.test = self.test[:cfg.eval_limit or (len(self.test) if cfg.task == "sst2" else 50)]
-        self.truncated = {"train": 0, "test": 0}
-        self._cache = {}
+            train = train[:cfg.train_limit]
+        val = []
+        if cfg.val_size:  # a seeded draw held out of the training set: the only data any setting is chosen on
+            if cfg.val_size >= len(train):
+                raise UsageError(f"--val-size {cfg.val_size} leaves no training data ({len(train)} examples)")
+            held = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))[:cfg.val_size].tolist())
+            val = [ex for i, ex in enumerate(train) if i in held]
+            train = [ex for i, ex in enumerate(train) if i not in held]
+        test = test[:cfg.eval_limit or (len(test) if cfg.task == "sst2" else 50)]
+        self.train, self.val, self.test = train, val, test
+        self.truncated = {"train": 0, "val": 0, "test": 0}
+        self.encoded = {split: [self._encode(tok, ex, split) for ex in getattr(self, split)]
+                        for split in ("train", "val", "test")}
+
+    def _encode(self, tok, ex, split):
+        if self.name == "sst2":
+            prompt = tok.encode(SST2_PROMPT.format(sentence=ex[0]), bos=True)
+            answer = self.words[ex[1]]
+        else:
+            prompt = tok.encode(f"Q: {ex[0]}\nA: ", bos=True)
+            answer = tok.encode(ex[1], bos=False, eos=True)
+        over = len(prompt) + len(answer) - self.max_len
+        if over > 0:  # keep BOS and the answer; cut the oldest prompt tokens (then the answer's tail)
+            self.truncated[split] += 1
+            keep = max(1, len(prompt) - over)
+            prompt = prompt[:1] + prompt[len(prompt) - keep + 1:] if keep > 1 else prompt[:1]
+            answer = answer[:self.max_len - len(prompt)]
+        return prompt, answer
 
     def encode(self, split, i):
-        key = (split, i)
-        if key not in self._cache:
-            ex = (self.train if split == "train" else self.test)[i]
-            if self.name == "sst2":
-                prompt = self.tok.encode(SST2_PROMPT.format(sentence=ex[0]), bos=True)
-                answer = self.words[ex[1]]
-            else:
-                prompt = self.tok.encode(f"Q: {ex[0]}\nA: ", bos=True)
-                answer = self.tok.encode(ex[1], bos=False, eos=True)
-            over = len(prompt) + len(answer) - self.max_len
-            if over > 0:  # keep BOS and the answer; cut the oldest prompt tokens (then the answer's tail)
-                self.truncated[split] += 1
-                keep = max(1, len(prompt) - over)
-                prompt = prompt[:1] + prompt[len(prompt) - keep + 1:] if keep > 1 else prompt[:1]
-                answer = answer[:self.max_len - len(prompt)]
-            self._cache[key] = (prompt, answer)
-        return self._cache[key]
+        return self.encoded[split][i]
 
     def batch(self, split, indices, pad_id):
         """tokens, targets (−100 except on answer tokens), attention_mask: (B, T), right-padded."""
-        pairs = [self.encode(split, i) for i in indices]
+        pairs = [self.encoded[split][i] for i in indices]
         T = max(len(p) + len(a) for p, a in pairs) - 1
         tokens = torch.full((len(pairs), T), pad_id)
         targets = torch.full((len(pairs), T), -100)
@@ -347,12 +373,88 @@ def gib(nbytes):
 
 
 # -----------------------------------------------------------------------------
-# one run: load -> wrap with LoRA -> the --init branch -> optimizer -> evaluate -> get_lr -> the loop
+# the pieces of a run, each a plain function of what it uses
+
+@torch.no_grad()
+def evaluate(model, task, split, tok, device, decode=True, batch_size=64):
+    """Loss on the answer tokens of a split; accuracy (sst2: the label word's first token wins;
+    gsm8k: greedy decoding, exact match of the final number, only when decode)."""
+    rows = getattr(task, split)
+    if not rows:
+        return None
+    was_training = model.training
+    model.eval()
+    losses, correct = [], 0
+    for i in range(0, len(rows), batch_size):
+        idx = list(range(i, min(i + batch_size, len(rows))))
+        b = {k: v.to(device) for k, v in task.batch(split, idx, tok.pad_id).items()}
+        logits = model(b["tokens"])
+        losses += lora_da.sequence_losses(logits, b["targets"]).tolist()
+        if task.name == "sst2":
+            first = (b["targets"] != -100).float().argmax(1)          # position predicting the label word
+            at = logits[torch.arange(len(idx)), first]                 # (B, V)
+            pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
+            correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
+    if task.name == "gsm8k" and decode:
+        for j in range(len(rows)):
+            prompt, _ = task.encode(split, j)
+            room = min(256, model.args.max_seq_len - len(prompt))
+            new = list(model.generate(torch.tensor([prompt], device=device), room, 0.0,
+                                      stop_ids=(tok.eos_id, tok.bos_id)))
+            pred, gold = final_number(tok.decode(new)), final_number(rows[j][1])
+            correct += int(pred is not None and pred == gold)
+    model.train(was_training)
+    decoded = task.name == "sst2" or decode
+    return {"accuracy": correct / len(rows) if decoded else None, "loss": sum(losses) / len(losses)}
 
 
-def run(cfg, method, seed, out_dir: Path, log=print):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+def get_lr(it, lr, steps, warmup_steps):
+    """Linear warmup, then cosine decay to zero (as the paper's HF Trainer runs)."""
+    if it < warmup_steps:
+        return lr * (it + 1) / warmup_steps
+    progress = (it - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(start, size, seed, N, perms):
+    """Training examples start .. start+size-1 of the data order: a permutation per epoch seeded by
+    (seed, epoch), so step k always sees the same batch, across methods and across a resume.
+    perms: a dict the caller keeps, caching each epoch's permutation."""
+    idx = []
+    for k in range(start, start + size):
+        epoch, pos = divmod(k, N)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        idx.append(perms[epoch][pos])
+    return idx
+
+
+def init_config(cfg, seed, N) -> lora_da.DAConfig:
+    """The one DAConfig of a run: every field of it that is also a setting, by the same name;
+    N = 0 means the training-set size, as the paper."""
+    names = [f.name for f in dataclasses.fields(lora_da.DAConfig) if f.name not in ("seed", "N")]
+    return lora_da.DAConfig(**{k: getattr(cfg, k) for k in names}, N=cfg.N or N, seed=seed)
+
+
+def resolved(cfg, method, seed, N):
+    """Every setting as used by this run (defaults filled in), for config.json and resume checks."""
+    d = {k: v for k, v in vars(cfg).items() if k not in ("methods", "init", "seeds", "seed")}
+    d.update(init=method, seed=seed, N=cfg.N or N, out_dir=str(cfg.out_dir))
+    return d
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a process loads once and every run of it shares: never modified by a run."""
+    tok: llama.Tokenizer
+    base: llama.Transformer
+    task: Task
+    device: str
+    checkpoint: Path
+    data_dir: Path
+
+
+def load(cfg, log=print) -> Setup:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     needed = [f"{cfg.task}/{f}" for f in (("train.tsv", "dev.tsv") if cfg.task == "sst2" else ("train.jsonl", "test.jsonl"))]
@@ -361,58 +463,48 @@ def run(cfg, method, seed, out_dir: Path, log=print):
     data_dir = find_data(cfg, needed)
     ckpt_path = Path(cfg.checkpoint or data_dir / "stories260K" / "stories260K.bin")
     tok_path = Path(cfg.tokenizer or data_dir / "stories260K" / "tok512.model")
-
-    # model and tokenizer
-    t_start = time.perf_counter()
     tok = llama.Tokenizer(tok_path)
-    model = llama.load_checkpoint(ckpt_path, device=device, dtype=dtype)
-    if tok.vocab_size != model.args.vocab_size:
-        raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects {model.args.vocab_size}")
-    task = Task(cfg, tok, data_dir, model.args.max_seq_len)
-    n_train = len(task.train)
-    log(f"[{method} seed {seed}] {ckpt_path.name}: {model.num_params():,} parameters on {device} ({cfg.dtype}); "
-        f"{cfg.task}: {n_train} train, {len(task.test)} test")
+    base = llama.load_checkpoint(ckpt_path, device=device, dtype=dtype)
+    if tok.vocab_size != base.args.vocab_size:
+        raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects {base.args.vocab_size}")
+    task = Task(cfg, tok, data_dir, base.args.max_seq_len)
+    log(f"{ckpt_path.name}: {base.num_params():,} parameters on {device} ({cfg.dtype}); {cfg.task}: "
+        f"{len(task.train)} train, {len(task.val)} validation, {len(task.test)} test")
+    return Setup(tok, base, task, device, ckpt_path, data_dir)
 
-    # evaluation: loss on the answer tokens; accuracy (sst2: the label word's first token wins;
-    # gsm8k: greedy decoding, exact match of the final number)
-    @torch.no_grad()
-    def evaluate(decode=True):
-        model.eval()
-        losses, correct = [], 0
-        for i in range(0, len(task.test), 64):
-            idx = list(range(i, min(i + 64, len(task.test))))
-            b = {k: v.to(device) for k, v in task.batch("test", idx, tok.pad_id).items()}
-            logits = model(b["tokens"])
-            losses += lora_da.sequence_losses(logits, b["targets"]).tolist()
-            if task.name == "sst2":
-                first = (b["targets"] != -100).float().argmax(1)          # position predicting the label word
-                at = logits[torch.arange(len(idx)), first]                 # (B, V)
-                pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
-                correct += int((pred == torch.tensor([task.test[j][1] for j in idx])).sum())
-        if task.name == "gsm8k" and decode:
-            for j in range(len(task.test)):
-                prompt, _ = task.encode("test", j)
-                room = min(256, model.args.max_seq_len - len(prompt))
-                new = list(model.generate(torch.tensor([prompt], device=device), room, 0.0,
-                                          stop_ids=(tok.eos_id, tok.bos_id)))
-                pred, gold = final_number(tok.decode(new)), final_number(task.test[j][1])
-                correct += int(pred is not None and pred == gold)
-        model.train()
-        decoded = task.name == "sst2" or decode
-        return {"accuracy": correct / len(task.test) if decoded else None, "loss": sum(losses) / len(losses)}
 
-    # LoRA on the chosen targets; only LoRA parameters train
-    layers = llama.add_lora(model, r=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.targets.split(","),
-                            rslora=cfg.rslora, dropout=cfg.dropout, freeze_A=cfg.freeze_A)
+# -----------------------------------------------------------------------------
+# one run: load -> wrap with LoRA -> the --init branch -> optimizer -> the loop -> outputs
+
+def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
+    setup = setup or load(cfg, log)
+    tok, task, device = setup.tok, setup.task, setup.device
+    N = len(task.train)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    log(f"[{method} seed {seed}] -> {out_dir}")
+
+    # LoRA on the chosen targets of a fresh copy of the base model; only LoRA parameters train
+    model = copy.deepcopy(setup.base)
+    llama.add_lora(model, r=cfg.rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets.split(","),
+                   rslora=cfg.rslora, dropout=cfg.dropout, freeze_A=cfg.freeze_A)
     llama.mark_only_lora_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
+    def evaluate_all(decode=True):  # the test split, and the validation split when there is one
+        ev = evaluate(model, task, "test", tok, device, decode)
+        val = evaluate(model, task, "val", tok, device, decode)
+        return {**ev, "val": val} if val else ev
+
+    # resume from the checkpoint, or evaluate zero-shot, initialize (timed) and evaluate at step 0
     ckpt_file = out_dir / "ckpt.pt"
+    config = resolved(cfg, method, seed, N)
     if cfg.resume and ckpt_file.is_file():
         ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
         saved = {k: v for k, v in ckpt["config"].items() if k not in ("resume", "out_dir")}
-        now = {k: v for k, v in resolved(cfg, method, seed, n_train).items() if k not in ("resume", "out_dir")}
+        now = {k: v for k, v in config.items() if k not in ("resume", "out_dir")}
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise UsageError(f"{ckpt_file} was written with other settings ({', '.join(diff)}); use another --out-dir")
@@ -425,69 +517,42 @@ def run(cfg, method, seed, out_dir: Path, log=print):
         if cfg.resume:
             log(f"no checkpoint at {ckpt_file}: starting from scratch")
         step, history = 0, {"step": [], "loss": []}
-        metrics = {"method": method, "seed": seed, "zero_shot": evaluate(), "evals": []}
+        metrics = {"method": method, "seed": seed, "zero_shot": evaluate_all(), "evals": []}
         log(f"zero-shot: accuracy {metrics['zero_shot']['accuracy']:.4f}, loss {metrics['zero_shot']['loss']:.4f}")
-
         # the initialization (timed): statistics from the head of the training set, as the authors
         t0 = time.perf_counter()
         samples = task.samples(cfg.init_samples, tok.pad_id) if method in ("ga", "one", "da") else None
-        da_cfg = lora_da.DAConfig(beta=cfg.beta, gamma=cfg.gamma, damping=cfg.damping, n_samples=cfg.n_train or n_train,
-                                  y_full=cfg.y_full, token_mask=cfg.token_mask, batch_size=cfg.stats_batch_size,
-                                  layers_per_pass=cfg.layers_per_pass or None, solver=cfg.solver, seed=seed)
-        report = lora_da.initialize(model, method, samples, cfg=da_cfg, ga_gamma=cfg.ga_gamma, one_gamma=cfg.one_gamma,
-                                    one_samples=cfg.one_samples, seed=seed, log=log)
+        report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log)
         metrics["init_seconds"] = time.perf_counter() - t0
         metrics["init_report"] = report
         llama.save_lora(model, out_dir / "init_adapter.pt")  # the init alone, reusable and convertible
         # step 0: after the initialization, before any update (LoRA-DA and LoRA-One already moved the model)
-        metrics["step0"] = evaluate()
+        metrics["step0"] = evaluate_all()
         log(f"init {method}: {metrics['init_seconds']:.1f}s; step 0: accuracy {metrics['step0']['accuracy']:.4f}, "
             f"loss {metrics['step0']['loss']:.4f}")
         metrics["train_seconds"], metrics["train_tokens"] = 0.0, 0
-
-    # learning rate: linear warmup, then cosine decay to zero (as the paper's HF Trainer runs)
-    warmup = int(cfg.warmup * cfg.steps)
-
-    def get_lr(it):
-        if it < warmup:
-            return cfg.lr * (it + 1) / warmup
-        progress = (it - warmup) / max(1, cfg.steps - warmup)
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    # data order: a permutation per epoch, seeded by (seed, epoch), so step k always sees the same batch
-    per_step = cfg.batch_size * cfg.grad_accum
-
-    def batch_indices(it, micro):
-        start = it * per_step + micro * cfg.batch_size
-        idx = []
-        for k in range(start, start + cfg.batch_size):
-            epoch, pos = divmod(k, n_train)
-            perm = perm_cache.get(epoch)
-            if perm is None:
-                perm = perm_cache[epoch] = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-            idx.append(perm[pos])
-        return idx
-    perm_cache = {}
 
     def save_checkpoint():
         if not all(torch.isfinite(p).all() for p in params):  # never overwrite a good checkpoint with a broken one
             raise UsageError(f"LoRA weights became non-finite by step {step}; lower --lr (now {cfg.lr:g})"
                              + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
-        ckpt = {"step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "metrics": metrics, "history": history,
-                "config": resolved(cfg, method, seed, n_train)}
-        llama.atomic_save(ckpt, ckpt_file)
+        llama.atomic_save({"step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
+                           "rng": torch.get_rng_state(), "metrics": metrics, "history": history, "config": config},
+                          ckpt_file)
+        crash_for_tests(step)
 
-    crash_at = int(os.environ.get("LORA_DA_CRASH_AT_STEP", "-1"))  # tests: die here as a power cut would
+    # the training loop: AdamW on the LoRA factors, one (accumulated) batch per step
+    warmup_steps, per_step, perms = int(cfg.warmup * cfg.steps), cfg.batch_size * cfg.grad_accum, {}
     model.train()
-    t_train, tokens_seen, t_log = time.perf_counter(), 0, time.perf_counter()
+    t_train, tokens_seen = time.perf_counter(), 0
     while step < cfg.steps:
-        lr = get_lr(step)
+        lr = get_lr(step, cfg.lr, cfg.steps, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            b = {k: v.to(device) for k, v in task.batch("train", batch_indices(step, micro), tok.pad_id).items()}
+            idx = batch_indices(step * per_step + micro * cfg.batch_size, cfg.batch_size, seed, N, perms)
+            b = {k: v.to(device) for k, v in task.batch("train", idx, tok.pad_id).items()}
             loss = lora_da.causal_lm_losses(model, b).mean() / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
@@ -509,25 +574,24 @@ def run(cfg, method, seed, out_dir: Path, log=print):
             log(f"step {step:5d}/{cfg.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | "
                 f"{tokens_seen / max(dt, 1e-9):,.0f} tok/s | ETA {eta:.0f}s")
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
-            ev = evaluate(decode=False)  # periodic: loss (and SST-2 accuracy); greedy GSM8K decoding only at the end
+            ev = evaluate_all(decode=False)  # periodic: loss (and SST-2 accuracy); greedy GSM8K decoding only at the end
             metrics["evals"].append({"step": step, **ev})
             acc = "not decoded" if ev["accuracy"] is None else f"{ev['accuracy']:.4f}"
             log(f"eval step {step}: accuracy {acc}, loss {ev['loss']:.4f}")
             save_checkpoint()
-        if step == crash_at:
-            os.kill(os.getpid(), signal.SIGKILL)
 
+    # the final evaluation and the run's totals
     metrics["train_seconds"] += time.perf_counter() - t_train
     metrics["train_tokens"] += tokens_seen
     if "final" not in metrics or metrics.get("final_step") != step:
-        metrics["final"] = evaluate()
+        metrics["final"] = evaluate_all()
         metrics["final_step"] = step
         metrics["evals"].append({"step": step, **metrics["final"]})
     metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
     metrics["truncated"] = dict(task.truncated)
     if any(task.truncated.values()):
-        log(f"truncated to --max-len {task.max_len} from the left of the prompt: {task.truncated['train']} "
-            f"training and {task.truncated['test']} test examples")
+        log(f"truncated to --max-len {task.max_len} from the left of the prompt: " +
+            ", ".join(f"{n} {split}" for split, n in task.truncated.items() if n) + " examples")
     total = metrics["init_seconds"] + metrics["train_seconds"]
     metrics["init_share"] = metrics["init_seconds"] / total if total else 0.0
     metrics["history"] = history
@@ -538,7 +602,7 @@ def run(cfg, method, seed, out_dir: Path, log=print):
 
     # outputs: the adapter (with what rebuilds a shifted W0), settings, metrics, the loss curve
     llama.save_lora(model, out_dir / "adapter.pt")
-    llama.atomic_write_text(out_dir / "config.json", json.dumps(resolved(cfg, method, seed, n_train), indent=2))
+    llama.atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
     llama.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     plot_loss(history, metrics, out_dir / "loss.png", f"{method} (seed {seed}) on {cfg.task}")
     if cfg.save_merged:
@@ -551,18 +615,18 @@ def run(cfg, method, seed, out_dir: Path, log=print):
     return metrics
 
 
+def crash_for_tests(step):
+    """The resume test's power cut: with LORA_DA_CRASH_AFTER_CHECKPOINT=k, die (SIGKILL) right after
+    the checkpoint of step k is written."""
+    if os.environ.get("LORA_DA_CRASH_AFTER_CHECKPOINT") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def unwrap(model):
     """Replace each (merged) LoRALinear by its base nn.Linear, so the state dict has Meta's names."""
     for name, layer in llama.lora_layers(model).items():
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, layer.base)
-
-
-def resolved(cfg, method, seed, n_train):
-    """Every setting as used by this run (defaults filled in), for config.json and resume checks."""
-    d = {k: v for k, v in vars(cfg).items() if k not in ("methods", "init", "seeds", "seed")}
-    d.update(init=method, seed=seed, n_train=cfg.n_train or n_train, out_dir=str(cfg.out_dir))
-    return d
 
 
 # -----------------------------------------------------------------------------
@@ -659,11 +723,12 @@ def main(argv=None):
             return
         out = Path(cfg.out_dir)
         multi = len(cfg.methods) > 1 or cfg.seeds > 1
+        setup = load(cfg)  # tokenizer, model and data once; every run copies the model
         results = {}
         for method in cfg.methods:
             for seed in range(cfg.seed, cfg.seed + cfg.seeds):
                 run_dir = out / f"{method}-s{seed}" if multi else out
-                results.setdefault(method, []).append(run(cfg, method, seed, run_dir))
+                results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup))
         if multi:
             print(compare(results, out, cfg))
     except (ValueError, FileNotFoundError, OSError) as e:  # UsageError and llama.CheckpointError are ValueErrors

@@ -10,8 +10,12 @@ matplotlib.use("Agg")  # plt.show() is then a no-op
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_two_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_bias_variance_on_linear_models.ipynb", "02_lora_da_on_a_tiny_llama.ipynb"]
+def test_every_notebook_is_numbered_and_listed_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    assert NOTEBOOKS, "no notebooks found"
+    for path in NOTEBOOKS:
+        assert path.name[:3].rstrip("_").isdigit(), f"{path.name}: notebooks are named NN_topic.ipynb"
+        assert f"notebooks/{path.name}" in readme, f"README.md does not list {path.name}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

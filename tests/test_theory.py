@@ -58,9 +58,9 @@ def test_natural_gradient_step_recovers_the_target_shift():
     model = P.model()  # at W0: this is what LoRA-DA sees
     st = L.kfac_statistics(model, samples, P.loss_fn, {"W": model}, batch_size=10_000, y_full=True)
     G = st.G["W"].double()
-    dW = L.natural_gradient(G, st.Z["W"], st.Y["W"], damping=EXACT)
+    dW = L.natural_gradient(G, st.Z["W"], st.Y["W"], EXACT)
     # with population statistics the step is exact: −Y⁻¹ G Z⁻¹ = Σε Σε⁻¹ D Σx Σx⁻¹ = D
-    torch.testing.assert_close(L.natural_gradient(P.G(), P.Sigma_x, P.Y, damping=EXACT), P.D, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(L.natural_gradient(P.G(), P.Sigma_x, P.Y, EXACT), P.D, rtol=1e-9, atol=1e-9)
     # with n samples its error is the full estimator's noise, E‖ΔŴ − D‖² ≈ tr(Σε) tr(Σx⁻¹)/n (Eq. 7 with A0 = I);
     # the empirical Y at W0 adds a relative O(‖D Σx Dᵀ‖/‖Σε‖) ≈ 1e-2 bias, allowed for by the 5% term
     rms = (P.Sigma.trace() * torch.linalg.inv(P.Sigma_x).trace() / n).sqrt().item()
@@ -87,8 +87,8 @@ def test_monte_carlo_error_of_lora_equals_bias_plus_variance(which):
           "top of Σx": torch.linalg.eigh(P.Sigma_x)[1][:, -2:]}[which]
     mc, se = mc_mean(P.lora_errors([A0], N, trials, gen)[:, 0])
     bias = L.bias_term(P.D, A0).item()
-    var = L.variance_term(P.Sigma_x, P.Y, A0, N - d_in - 1, damping=EXACT).item()
-    var_asymptotic = L.variance_term(P.Sigma_x, P.Y, A0, N, damping=EXACT).item()
+    var = L.variance_term(P.Sigma_x, P.Y, A0, N - d_in - 1, EXACT).item()
+    var_asymptotic = L.variance_term(P.Sigma_x, P.Y, A0, N, EXACT).item()
     print(f"\n{which}: Monte Carlo {mc:.4f} ± {se:.4f}, predicted {bias + var:.4f} "
           f"(bias {bias:.4f} + variance {var:.4f}), asymptotic {bias + var_asymptotic:.4f}")
     assert abs(mc - (bias + var)) < 4 * se
@@ -104,7 +104,7 @@ def test_lora_fa_variance_is_bounded_above_by_the_surrogate():
     A0 = S.random_orthonormal(d_in, r, gen)
     mc, se = mc_mean(P.lora_fa_errors([A0], N, trials, gen)[:, 0])
     exact = (P.Sigma.trace() * torch.linalg.inv(A0.T @ P.Sigma_x @ A0).trace() / (N - r - 1)).item()
-    surrogate = L.variance_term(P.Sigma_x, P.Y, A0, N - r - 1, damping=EXACT).item()
+    surrogate = L.variance_term(P.Sigma_x, P.Y, A0, N - r - 1, EXACT).item()
     assert abs(mc - exact) < 4 * se
     assert surrogate > exact + 4 * se
     # the matrix inequality behind it, on many random subspaces
@@ -119,9 +119,9 @@ def test_lora_fa_variance_is_bounded_above_by_the_surrogate():
 # --- Eqs. 8-10: the smallest eigenvectors are optimal --------------------------------------
 
 def da_subspace(P, N, beta=1.0):
-    # population statistics; N − d_in − 1 is the finite-N correction of the decomposition test
-    return L.lora_da_solve(P.G(), P.Sigma_x, P.Y, 2, N - P.W0.shape[1] - 1, alpha=1.0, beta=beta,
-                           damping=EXACT)["A0"]
+    # population statistics; N − d_in − 1 is the finite-N correction of the decomposition test (Eq. 13)
+    cfg = L.DAConfig(N=N - P.W0.shape[1] - 1, alpha=1.0, beta=beta, damping=EXACT)
+    return L.lora_da_solve(P.G(), P.Sigma_x, P.Y, 2, cfg)["A0"]
 
 
 @pytest.mark.parametrize("N", [30, 50, 200])
@@ -142,15 +142,16 @@ def test_lora_da_subspace_has_lower_measured_error_than_the_peer_subspaces(N):
 
 def test_no_random_subspace_beats_lora_da_on_the_objective_and_ky_fan_holds():
     P = S.variance_matters()
-    N = 50
-    n = N - 9
-    out = L.lora_da_solve(P.G(), P.Sigma_x, P.Y, 2, n, alpha=1.0, beta=1.0, damping=EXACT, normalize=False)
-    best = L.objective(P.D, P.Sigma_x, P.Y, out["A0"], n, damping=EXACT).item()
+    N, d_in = 50, P.W0.shape[1]
+    n = N - d_in - 1  # the finite-N correction N − d_in − 1 (Eq. 13), as in the decomposition test
+    cfg = L.DAConfig(N=n, alpha=1.0, beta=1.0, damping=EXACT, normalize=False)
+    out = L.lora_da_solve(P.G(), P.Sigma_x, P.Y, 2, cfg)
+    best = L.objective(P.D, P.Sigma_x, P.Y, out["A0"], n, alpha=1.0, beta=1.0, damping=EXACT).item()
     # Ky Fan: the minimum is α‖ΔW‖² + the sum of the r smallest eigenvalues of M
-    M = L.guidance_matrix(P.D, torch.linalg.inv(P.Sigma_x), P.Sigma.trace(), n, 1.0, 1.0)
+    M = L.guidance_matrix(P.D, torch.linalg.inv(P.Sigma_x), P.Sigma.trace() / n, 1.0, 1.0)
     assert best == pytest.approx(P.D.pow(2).sum().item() + torch.linalg.eigvalsh(M)[:2].sum().item(), rel=1e-9)
     gen = torch.Generator().manual_seed(7)
-    others = [L.objective(P.D, P.Sigma_x, P.Y, S.random_orthonormal(8, 2, gen), n, damping=EXACT).item()
+    others = [L.objective(P.D, P.Sigma_x, P.Y, S.random_orthonormal(8, 2, gen), n, alpha=1.0, beta=1.0, damping=EXACT).item()
               for _ in range(2000)]
     assert min(others) > best
 
@@ -181,7 +182,7 @@ def test_decomposition_holds_for_softmax_regression_where_kfac_is_approximate():
     bias = L.bias_term(P.W_tgt - P.W0, A0).item()
     IP = torch.kron(torch.eye(2, dtype=torch.float64), S.projector(A0))  # row-major vec(E A0A0ᵀ)
     var_exact = (IP @ torch.linalg.inv(P.fisher(n=50000)) @ IP).trace().item() / N
-    var_kfac = L.variance_term(Z, Y, A0, N, damping=EXACT).item()
+    var_kfac = L.variance_term(Z, Y, A0, N, EXACT).item()
     print(f"\nsoftmax: Monte Carlo {mc:.5f} ± {se:.5f}; bias {bias:.5f} + exact variance {var_exact:.5f}; "
           f"K-FAC variance {var_kfac:.5f}")
     assert abs(mc - (bias + var_exact)) < 4 * se
@@ -199,7 +200,7 @@ def test_surrogate_and_true_lora_fa_risk_can_prefer_different_subspaces():
     assert abs(mc - P.lora_fa_risk(A, N)) < 4 * se
     da = da_subspace(P, N)
     others = [S.random_orthonormal(8, r, gen) for _ in range(3000)]
-    surrogate = lambda A0: L.objective(P.D, P.Sigma_x, P.Y, A0, N - 9, damping=EXACT).item()
+    surrogate = lambda A0: L.objective(P.D, P.Sigma_x, P.Y, A0, N - 8 - 1, alpha=1.0, beta=1.0, damping=EXACT).item()  # N − d_in − 1
     best_fa = min(others, key=lambda A0: P.lora_fa_risk(A0, N))
     assert all(surrogate(da) <= surrogate(A0) for A0 in others[:300])  # LoRA-DA wins its own objective
     assert P.lora_fa_risk(best_fa, N) < P.lora_fa_risk(da, N)          # but not the LoRA-FA risk

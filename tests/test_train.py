@@ -32,7 +32,7 @@ def test_every_init_runs_on_both_tasks_and_writes_its_outputs(tmp_path, task, da
         assert m["evals"][-1]["step"] == 4 and len(m["history"]["loss"]) == 4
         assert m["init_seconds"] > 0 and m["train_seconds"] > 0 and m["tokens_per_second"] > 0
         cfg = json.loads((d / "config.json").read_text())
-        assert cfg["init"] == method and cfg["task"] == task and cfg["n_train"] == 300
+        assert cfg["init"] == method and cfg["task"] == task and cfg["N"] == 300
         adapter = torch.load(d / "adapter.pt", weights_only=True)
         assert len(adapter["lora"]) == 35 and bool(adapter["W0_shift"]) == (method in ("pissa", "ga"))
         assert (d / "loss.png").stat().st_size > 0
@@ -53,7 +53,7 @@ def test_a_run_killed_midway_and_resumed_ends_with_the_same_metrics(tmp_path, da
             "--eval-limit", "32", "--eval-interval", "4", "--log-interval", "4"]
     whole = run_cli(*args, "--out-dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
-    killed = run_cli(*args, "--out-dir", str(tmp_path / "cut"), env={"LORA_DA_CRASH_AT_STEP": "7"})
+    killed = run_cli(*args, "--out-dir", str(tmp_path / "cut"), env={"LORA_DA_CRASH_AFTER_CHECKPOINT": "4"})
     assert killed.returncode != 0 and not (tmp_path / "cut" / "metrics.json").exists()
     assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 4  # the last checkpoint
     resumed = run_cli(*args, "--out-dir", str(tmp_path / "cut"), "--resume")
@@ -92,7 +92,7 @@ def test_truncation_is_from_the_left_of_the_prompt_and_counted(data):
     full = tok.encode(f"Q: {q}\nA: ", bos=True)
     answer = tok.encode(a, bos=False, eos=True)
     room = len(answer) + 12  # the answer fits, the prompt does not
-    cfg = train.get_args(["--task", "gsm8k", "--max-len", str(room), "--eval-limit", "3"])
+    cfg = train.get_args(["--task", "gsm8k", "--max-len", str(room), "--eval-limit", "3", "--train-limit", "1"])
     task = train.Task(cfg, tok, data, 512)
     prompt, kept = task.encode("train", 0)
     assert kept == answer and len(prompt) == 12 and prompt[0] == tok.bos_id
