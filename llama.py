@@ -197,9 +197,11 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
 
-    def forward(self, tokens, start_pos: Optional[int] = None):
+    def forward(self, tokens, start_pos: Optional[int] = None, at: Optional[torch.Tensor] = None):
         """tokens (B, T) -> logits (B, T, vocab). start_pos=None: full causal pass (training);
-        start_pos=int: incremental decoding with the key/value cache, tokens at positions start_pos.."""
+        start_pos=int: incremental decoding with the key/value cache, tokens at positions start_pos..
+        at: a (B, T) bool mask -> logits only there, (n_at, vocab), as llama2.c computes only the last
+        position's at inference: the vocabulary projection is skipped where no loss or prediction reads it."""
         B, T = tokens.shape
         p0 = start_pos or 0
         if p0 + T > self.args.max_seq_len:
@@ -208,7 +210,10 @@ class Transformer(nn.Module):
         freqs_cos, freqs_sin = self.freqs_cos[p0:p0 + T], self.freqs_sin[p0:p0 + T]
         for layer in self.layers:
             h = layer(h, freqs_cos, freqs_sin, start_pos)
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        if at is not None:
+            h = h[at]  # (n_at, dim)
+        return self.output(h).float()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once

@@ -96,7 +96,23 @@ def weight_of(layer) -> torch.Tensor:
 
 
 def collate(samples: list) -> dict:
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    """Stack single samples into a batch. With right padding (an attention_mask), trailing positions that no
+    sample attends to are dropped: a causal model's outputs at the kept positions are unchanged."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    if "attention_mask" in batch:
+        mask = batch["attention_mask"].bool()
+        bsz, T = mask.shape
+        keep = int(mask.any(0).nonzero().max()) + 1 if mask.any() else T
+        batch = {k: (v[:, :keep] if v.shape[:2] == (bsz, T) else v) for k, v in batch.items()}
+    return batch
+
+
+def length_order(samples: list) -> list:
+    """Sample indices by attended length (stable), so a batch holds samples of similar length and pads little.
+    The statistics are sums over samples: their order changes nothing but floating-point rounding."""
+    if "attention_mask" not in samples[0]:
+        return list(range(len(samples)))
+    return sorted(range(len(samples)), key=lambda i: int(samples[i]["attention_mask"].sum()))
 
 
 @contextmanager
@@ -166,18 +182,20 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
     G = {name: torch.zeros(shape[name], device=device) for name in names}
     Z, Y, z_owner = {}, {}, {}
     n_tokens = 0
+    order = length_order(samples) if batch_size > 1 else list(range(len(samples)))
     with recording(model, layers) as io:
         for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
+            ids = order[start:start + batch_size]
+            chunk = [samples[i] for i in ids]
             batch, bsz = collate(chunk), len(chunk)
             losses = loss_fn(model, {k: v.to(device) for k, v in batch.items()})  # (bsz,)
             for name in names:  # forward order: the first layer whose output is not finite is the culprit
                 if not torch.isfinite(io[name][1]).all():
-                    raise ValueError(f"non-finite output of layer {name} on samples {start}..{start + bsz - 1}")
+                    raise ValueError(f"non-finite output of layer {name} on samples {sorted(ids)}")
             if losses.shape != (bsz,):
                 raise ValueError(f"loss_fn must return one loss per sample, shape ({bsz},), got {tuple(losses.shape)}")
             if not torch.isfinite(losses).all():
-                raise ValueError(f"non-finite loss on samples {start}..{start + bsz - 1}")
+                raise ValueError(f"non-finite loss on samples {sorted(ids)}")
             # g_l = ∂(Σ_i L_i)/∂h_l for every target layer l: one backward for the whole batch
             grads = torch.autograd.grad(losses.sum(), [io[name][1] for name in names])
             if not z_owner:  # layers fed the very same input tensor (wq/wk/wv, w1/w3) share Z
@@ -502,8 +520,16 @@ def layer_groups(names: list, per_pass: int) -> list:
 
 def causal_lm_losses(model, batch):
     """Per-sample loss of a causal LM: the mean cross-entropy over the sample's scored tokens
-    (targets != -100), as the HF loss of one sequence. batch: tokens, targets (bsz, T)."""
-    return sequence_losses(model(batch["tokens"]), batch["targets"])
+    (targets != -100), as the HF loss of one sequence. batch: tokens, targets (bsz, T).
+    The model is asked for logits only at the scored positions (model(tokens, at=mask), as
+    llama.Transformer supports): the same losses and gradients, without the unused vocabulary projection."""
+    targets = batch["targets"]
+    scored = targets != -100                                             # (bsz, T)
+    logits = model(batch["tokens"], at=scored)                           # (n_scored, V)
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction="none")
+    rows = scored.nonzero()[:, 0]                                        # the sample each scored token belongs to
+    total = torch.zeros(targets.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce)
+    return total / scored.sum(1).clamp_min(1)
 
 
 def sequence_losses(logits, targets):

@@ -56,6 +56,7 @@ SETTINGS = {
         "max_len": (0, "longest sequence in tokens, prompts truncated from the left (0: 128 for sst2, the context for gsm8k)"),
         "train_limit": (0, "use only the first N training examples (0: all)"),
         "val_size": (0, "hold out this many training examples (a seeded draw, never trained on) as a validation set"),
+        "test_eval": (True, "evaluate on the test split (dev.tsv for sst2); --no-test-eval never reads it (model selection)"),
         "eval_limit": (0, "evaluate on the first N test examples (0: all 872 for sst2, 50 for gsm8k)"),
     },
     "lora": {
@@ -89,6 +90,8 @@ SETTINGS = {
         "steps": (900, "optimizer steps (paper: 1 epoch of 100k; here a budget that fits minutes on a CPU)"),
         "batch_size": (32, "sequences per micro-batch (paper: 8)"),
         "grad_accum": (1, "micro-batches per step (paper: 4, for an effective 32)"),
+        "length_groups": (3, "split each micro-batch into this many groups of similar length, each padded to its own "
+                             "longest: the same batch and gradient, less padding (1: off)"),
         "warmup": (0.03, "warmup fraction of the steps (paper: 0.03), then cosine decay to 0"),
         "weight_decay": (0.0, "AdamW weight decay (paper: 0)"),
         "grad_clip": (1.0, "clip the gradient norm to this (0: off)"),
@@ -137,7 +140,7 @@ def get_args(argv=None):
     for name, value in vars(cfg).items():  # NaN passes every comparison below: refuse it first
         if isinstance(value, float) and not math.isfinite(value):
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("lr", "steps", "batch_size", "grad_accum", "rank", "seeds", "init_samples", "stats_batch_size",
+    for name in ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank", "seeds", "init_samples", "stats_batch_size",
                  "ga_samples", "one_samples", "damping", "gamma", "ga_gamma", "one_gamma"):
         if getattr(cfg, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -257,6 +260,7 @@ def final_number(text):
         return None
 
 
+TASK_FILES = {"sst2": (read_sst2, ("train.tsv", "dev.tsv")), "gsm8k": (read_gsm8k, ("train.jsonl", "test.jsonl"))}
 VAL_SEED = 12345  # the validation draw is fixed: the same held-out examples for every method and seed
 
 
@@ -267,22 +271,23 @@ class Task:
     def __init__(self, cfg, tok, data_dir, context):
         self.name = cfg.task
         self.max_len = min(cfg.max_len or (128 if cfg.task == "sst2" else context), context)
+        read, (train_file, test_file) = TASK_FILES[cfg.task]
+        train = read(data_dir / cfg.task / train_file)
+        test = read(data_dir / cfg.task / test_file) if cfg.test_eval else []  # model selection never reads it
         if cfg.task == "sst2":
-            train = read_sst2(data_dir / "sst2" / "train.tsv")
-            test = read_sst2(data_dir / "sst2" / "dev.tsv")
             self.words = [tok.encode(w, bos=False) for w in SST2_WORDS]
-        else:
-            train = read_gsm8k(data_dir / "gsm8k" / "train.jsonl")
-            test = read_gsm8k(data_dir / "gsm8k" / "test.jsonl")
         if cfg.train_limit:
             train = train[:cfg.train_limit]
         val = []
+        if not cfg.test_eval and not cfg.val_size:
+            raise UsageError("--no-test-eval needs a validation split to evaluate on: set --val-size")
         if cfg.val_size:  # a seeded draw held out of the training set: the only data any setting is chosen on
             if cfg.val_size >= len(train):
                 raise UsageError(f"--val-size {cfg.val_size} leaves no training data ({len(train)} examples)")
             held = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))[:cfg.val_size].tolist())
             val = [ex for i, ex in enumerate(train) if i in held]
             train = [ex for i, ex in enumerate(train) if i not in held]
+        self.val_rows = sorted(held) if cfg.val_size else []  # line numbers in the training file, for the record
         test = test[:cfg.eval_limit or (len(test) if cfg.task == "sst2" else 50)]
         self.train, self.val, self.test = train, val, test
         self.truncated = {"train": 0, "val": 0, "test": 0}
@@ -306,6 +311,10 @@ class Task:
 
     def encode(self, split, i):
         return self.encoded[split][i]
+
+    def length(self, split, i):
+        prompt, answer = self.encoded[split][i]
+        return len(prompt) + len(answer) - 1  # positions fed to the model
 
     def batch(self, split, indices, pad_id):
         """tokens, targets (−100 except on answer tokens), attention_mask: (B, T), right-padded."""
@@ -378,21 +387,28 @@ def gib(nbytes):
 @torch.no_grad()
 def evaluate(model, task, split, tok, device, decode=True, batch_size=64):
     """Loss on the answer tokens of a split; accuracy (sst2: the label word's first token wins;
-    gsm8k: greedy decoding, exact match of the final number, only when decode)."""
+    gsm8k: greedy decoding, exact match of the final number, only when decode). Batches are formed in
+    length order (less padding); each example's numbers do not depend on its batch."""
     rows = getattr(task, split)
     if not rows:
         return None
     was_training = model.training
     model.eval()
-    losses, correct = [], 0
+    losses, correct = [0.0] * len(rows), 0
+    order = sorted(range(len(rows)), key=lambda j: task.length(split, j))
     for i in range(0, len(rows), batch_size):
-        idx = list(range(i, min(i + batch_size, len(rows))))
+        idx = order[i:i + batch_size]
         b = {k: v.to(device) for k, v in task.batch(split, idx, tok.pad_id).items()}
-        logits = model(b["tokens"])
-        losses += lora_da.sequence_losses(logits, b["targets"]).tolist()
+        scored = b["targets"] != -100                                  # (B, T)
+        logits = model(b["tokens"], at=scored)                         # (n_scored, V): only where read
+        ce = torch.nn.functional.cross_entropy(logits, b["targets"][scored], reduction="none")
+        counts = scored.sum(1)
+        first = counts.cumsum(0) - counts                              # each row's first scored position
+        per_row = torch.zeros(len(idx), dtype=ce.dtype, device=ce.device).index_add_(0, scored.nonzero()[:, 0], ce)
+        for j, loss in zip(idx, (per_row / counts.clamp_min(1)).tolist()):
+            losses[j] = loss
         if task.name == "sst2":
-            first = (b["targets"] != -100).float().argmax(1)          # position predicting the label word
-            at = logits[torch.arange(len(idx)), first]                 # (B, V)
+            at = logits[first]                                         # (B, V): the label word's first token
             pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
             correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
     if task.name == "gsm8k" and decode:
@@ -406,6 +422,22 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64):
     model.train(was_training)
     decoded = task.name == "sst2" or decode
     return {"accuracy": correct / len(rows) if decoded else None, "loss": sum(losses) / len(losses)}
+
+
+def backward_on_batch(model, task, idx, tok, device, groups, scale):
+    """Backpropagate scale × (sum of the per-sample losses of the batch idx); returns (loss, tokens).
+    The batch is cut into `groups` groups of similar length, each padded only to its own longest sequence:
+    the same batch and the same gradient (sums commute), a fraction of the padding."""
+    order = sorted(idx, key=lambda i: task.length("train", i))
+    size = math.ceil(len(order) / groups)
+    total, tokens = 0.0, 0
+    for k in range(0, len(order), size):
+        b = {key: v.to(device) for key, v in task.batch("train", order[k:k + size], tok.pad_id).items()}
+        loss = lora_da.causal_lm_losses(model, b).sum() * scale
+        loss.backward()
+        total += loss.item()
+        tokens += int(b["attention_mask"].sum())
+    return total, tokens
 
 
 def get_lr(it, lr, steps, warmup_steps):
@@ -457,7 +489,7 @@ class Setup:
 def load(cfg, log=print) -> Setup:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
-    needed = [f"{cfg.task}/{f}" for f in (("train.tsv", "dev.tsv") if cfg.task == "sst2" else ("train.jsonl", "test.jsonl"))]
+    needed = [f"{cfg.task}/{f}" for f in TASK_FILES[cfg.task][1]]
     if cfg.checkpoint is None or cfg.tokenizer is None:
         needed += ["stories260K/stories260K.bin", "stories260K/tok512.model"]
     data_dir = find_data(cfg, needed)
@@ -493,10 +525,14 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
-    def evaluate_all(decode=True):  # the test split, and the validation split when there is one
-        ev = evaluate(model, task, "test", tok, device, decode)
-        val = evaluate(model, task, "val", tok, device, decode)
-        return {**ev, "val": val} if val else ev
+    def evaluate_all(decode=True, periodic=False):
+        """The test split's numbers at the top level (the validation split's under --no-test-eval), with
+        "split" naming it; the validation split's under "val" too, except in periodic evaluations."""
+        test = evaluate(model, task, "test", tok, device, decode)
+        val = None if periodic and test else evaluate(model, task, "val", tok, device, decode)
+        if test is None:
+            return {**val, "split": "val"}
+        return {**test, "split": "test", **({"val": val} if val else {})}
 
     # resume from the checkpoint, or evaluate zero-shot, initialize (timed) and evaluate at step 0
     ckpt_file = out_dir / "ckpt.pt"
@@ -550,13 +586,11 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):  # the loss of a step: the mean over its per_step sequences
             idx = batch_indices(step * per_step + micro * cfg.batch_size, cfg.batch_size, seed, N, perms)
-            b = {k: v.to(device) for k, v in task.batch("train", idx, tok.pad_id).items()}
-            loss = lora_da.causal_lm_losses(model, b).mean() / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-            tokens_seen += int(b["attention_mask"].sum())
+            loss, tokens = backward_on_batch(model, task, idx, tok, device, cfg.length_groups, 1 / per_step)
+            loss_sum += loss
+            tokens_seen += tokens
         if not math.isfinite(loss_sum):
             raise UsageError(f"loss became {loss_sum} at step {step}; lower --lr (now {cfg.lr:g}) or check the data"
                              + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
@@ -574,7 +608,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
             log(f"step {step:5d}/{cfg.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | "
                 f"{tokens_seen / max(dt, 1e-9):,.0f} tok/s | ETA {eta:.0f}s")
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
-            ev = evaluate_all(decode=False)  # periodic: loss (and SST-2 accuracy); greedy GSM8K decoding only at the end
+            ev = evaluate_all(decode=False, periodic=True)  # loss (and SST-2 accuracy); GSM8K decoding only at the end
             metrics["evals"].append({"step": step, **ev})
             acc = "not decoded" if ev["accuracy"] is None else f"{ev['accuracy']:.4f}"
             log(f"eval step {step}: accuracy {acc}, loss {ev['loss']:.4f}")

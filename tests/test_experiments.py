@@ -1,0 +1,78 @@
+"""experiments.py: the protocol's machinery on a tiny grid (seconds): runs become JSONs, a rerun skips them,
+selection never reads the test set, and the tables hold the right means, intervals and paired differences."""
+import json
+import math
+
+import pytest
+
+import experiments as E
+import train
+
+
+def test_t_quantiles_match_the_tables():
+    # Student's t, two-sided 95%: df 1 → 12.706, 4 → 2.776, 9 → 2.262; large df → the normal's 1.960
+    for df, t in ((1, 12.7062), (4, 2.7764), (9, 2.2622), (200, 1.9719)):
+        assert E.t_quantile(0.975, df) == pytest.approx(t, abs=2e-3)
+
+
+def test_mean_ci_and_paired_difference_by_hand():
+    # x = 1..5: mean 3, sd √2.5 = 1.5811, se = 0.7071, half-width = 2.7764 × 0.7071 = 1.9632
+    m, h = E.mean_ci([1, 2, 3, 4, 5])
+    assert m == 3 and h == pytest.approx(1.9632, abs=1e-3)
+    # pairing by seed: differences 1, 1, 1, 2 (seed 5 unpaired, ignored) → mean 1.25, sd 0.5, t(3) = 3.1824
+    a, b = {1: 3, 2: 4, 3: 5, 4: 7, 5: 100}, {1: 2, 2: 3, 3: 4, 4: 5}
+    d, h, n = E.paired(a, b)
+    assert n == 4 and d == 1.25 and h == pytest.approx(3.1824 * 0.5 / 2, abs=1e-3)
+    assert math.isnan(E.mean_ci([1.0])[1])
+
+
+def test_validation_split_is_disjoint_from_training_and_fixed(data, tokenizer):
+    cfg = train.get_args(["--val-size", "50", "--train-limit", "400", "--eval-limit", "8"])
+    task = train.Task(cfg, tokenizer, data, 512)
+    rows = train.read_sst2(data / "sst2" / "train.tsv")[:400]
+    assert len(task.val) == 50 and len(task.train) == 350
+    held = set(task.val_rows)
+    assert task.val == [rows[i] for i in sorted(held)]
+    assert task.train == [rows[i] for i in range(400) if i not in held]        # no overlap, nothing lost
+    again = train.Task(cfg, tokenizer, data, 512)
+    assert again.val_rows == task.val_rows                                       # the same split every time
+
+
+def test_the_runner_writes_skips_and_aggregates_and_selection_never_reads_the_test_set(tmp_path, monkeypatch, data):
+    monkeypatch.setenv("LORA_DA_DATA", str(data))
+    read = []
+    reader, files = train.TASK_FILES["sst2"]
+    monkeypatch.setitem(train.TASK_FILES, "sst2", (lambda path: read.append(path.name) or reader(path), files))
+    monkeypatch.setattr(E, "_SETUPS", {})
+    study = E.STUDIES["tiny"]
+    sel = [(E.run_name(m, lr, s, "select"), E.run_args(study, m, lr, s, "select"), tmp_path)
+           for m, lr, s in E.grid(study, "select")]
+    E.run_all(sel, tmp_path, 1, "selection")
+    assert "dev.tsv" not in read and "train.tsv" in read                    # the test set was never read
+    runs = E.load_runs(tmp_path)
+    assert set(runs) == {n for n, _, _ in sel} and all(r["metrics"]["final"]["split"] == "val" for r in runs.values())
+    chosen = E.select_lrs(study, runs)
+    for m in study.methods:  # the rate with the best validation accuracy, read back from the JSONs
+        by_lr = {lr: runs[E.run_name(m, lr, 101, "select")]["metrics"]["final"]["accuracy"] for lr in study.lrs}
+        assert by_lr[chosen[m]] == max(by_lr.values())
+    # a rerun skips every finished run: nothing is rewritten
+    stamps = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "runs").iterdir()}
+    E.run_all(sel, tmp_path, 1, "selection")
+    assert stamps == {f.name: f.stat().st_mtime_ns for f in (tmp_path / "runs").iterdir()}
+    # the report runs and the tables
+    E.run_study("tiny", study, tmp_path, 1)
+    assert "dev.tsv" in read
+    runs = E.load_runs(tmp_path)
+    acc = E.report_scores(study, runs, chosen, "accuracy")
+    assert set(acc) == {"lora", "da"} and all(len(v) == 2 for v in acc.values())
+    table = E.aggregate("tiny", study, tmp_path)
+    m, h = E.mean_ci(list(acc["da"].values()))
+    assert f"{100 * m:.2f} ± {100 * h:.2f}" in table
+    d, h, n = E.paired(acc["da"], acc["lora"])
+    assert f"| lora | {100 * d:+.2f} ± {100 * h:.2f} |" in table
+    assert (tmp_path / "table.md").read_text() == table and (tmp_path / "selection.png").stat().st_size > 0
+
+
+def test_a_diverged_run_is_recorded_and_scores_worst():
+    rec = {"failed": "loss became nan at step 3"}
+    assert E.score(rec, "accuracy") == 0.0 and E.score(rec, "loss") == float("inf")
