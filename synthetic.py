@@ -215,3 +215,27 @@ def make_softmax(d=4, K=3, scale=1.0, seed=0):
     W_tgt = scale * torch.randn(K - 1, d, generator=gen, dtype=torch.float64)
     W0 = W_tgt - 0.3 * torch.randn(K - 1, d, generator=gen, dtype=torch.float64)
     return Softmax(W0=W0, W_tgt=W_tgt, Sigma_x=spd(torch.logspace(0.3, -0.7, d), gen))
+
+
+# --- the estimated-statistics case (theory.md §9): G, Z, Y from |S| samples, as the method estimates them ---
+
+def estimated_subspace_risks(P, n_stats, N, repeats, r=2, beta=1.0, seed=0):
+    """The exact expected LoRA error (bias + variance, Eqs. 6, 7 and 13, with the true ΔW, Σx, Σε) of the
+    subspaces chosen from statistics *estimated* on n_stats target samples drawn at W0, over `repeats`
+    independent draws: {"LoRA-DA", "bias-only (β=0)", "gradient-SVD"} -> (repeats,) risks. The oracle tests
+    use the true statistics, where LoRA-DA is optimal by construction; here it must earn it."""
+    import lora_da as L
+    d_in = P.W0.shape[1]
+    n = N - d_in - 1                                   # finite-N correction (Eq. 13)
+    gen = torch.Generator().manual_seed(seed)
+    model = P.model()
+    risk = lambda A0: (L.bias_term(P.D, A0) + L.variance_term(P.Sigma_x, P.Y, A0, n, 1e-12)).item()
+    out = {"LoRA-DA": [], "bias-only (β=0)": [], "gradient-SVD": []}
+    for _ in range(repeats):
+        st = L.kfac_statistics(model, P.samples(n_stats, gen), P.loss_fn, {"W": model}, batch_size=n_stats, y_full=True)
+        G, Z, Y = st.G["W"].double(), st.Z["W"].double(), st.Y["W"].double()
+        for name, b in (("LoRA-DA", beta), ("bias-only (β=0)", 0.0)):
+            cfg = L.DAConfig(N=n, alpha=1.0, beta=b, damping=1e-9, normalize=False)
+            out[name].append(risk(L.lora_da_solve(G, Z, Y, r, cfg)["A0"]))
+        out["gradient-SVD"].append(risk(top_right_singular(G, r)))
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}

@@ -153,7 +153,7 @@ def test_no_random_subspace_beats_lora_da_on_the_objective_and_ky_fan_holds():
     gen = torch.Generator().manual_seed(7)
     others = [L.objective(P.D, P.Sigma_x, P.Y, S.random_orthonormal(8, 2, gen), n, alpha=1.0, beta=1.0, damping=EXACT).item()
               for _ in range(2000)]
-    assert min(others) > best
+    assert min(others) > best * (1 + 1e-6)  # above the optimum by more than rounding
 
 
 def test_lora_da_approaches_the_bias_only_subspace_as_N_grows():
@@ -169,25 +169,41 @@ def test_lora_da_approaches_the_bias_only_subspace_as_N_grows():
 
 def test_decomposition_holds_for_softmax_regression_where_kfac_is_approximate():
     """Multinomial logistic regression: the Fisher E[(diag p − ppᵀ) ⊗ xxᵀ] is not a Kronecker product.
-    At large N the error still splits as bias + tr(P F⁻¹ P)/N (to a few SE, the MLE's O(1/N²) aside);
-    K-FAC's tr(Y⁻¹)tr(A0ᵀZ⁻¹A0)/N approximates that variance, here within 35% (measured: about 25% low)."""
+    At large N the error still splits as bias + tr(P F⁻¹ P)/N (to a few SE, the MLE's O(1/N²) aside).
+    K-FAC's variance is an approximation of that variance, and its error is not a fixed fraction: see the
+    next test for what is stable about it."""
     P = S.make_softmax(d=4, K=3, scale=1.0, seed=0)
     gen = torch.Generator().manual_seed(0)
-    model = P.model(P.W_tgt)
-    st = L.kfac_statistics(model, P.samples(20000, gen), P.loss_fn, {"W": model}, batch_size=5000, y_full=True)
-    Z, Y = st.Z["W"].double(), st.Y["W"].double()
     A0 = S.random_orthonormal(4, 2, torch.Generator().manual_seed(5))
     N, trials = 2000, 1000
     mc, se = mc_mean(P.lora_errors([A0], N, trials, gen)[:, 0])
     bias = L.bias_term(P.W_tgt - P.W0, A0).item()
     IP = torch.kron(torch.eye(2, dtype=torch.float64), S.projector(A0))  # row-major vec(E A0A0ᵀ)
     var_exact = (IP @ torch.linalg.inv(P.fisher(n=50000)) @ IP).trace().item() / N
-    var_kfac = L.variance_term(Z, Y, A0, N, EXACT).item()
-    print(f"\nsoftmax: Monte Carlo {mc:.5f} ± {se:.5f}; bias {bias:.5f} + exact variance {var_exact:.5f}; "
-          f"K-FAC variance {var_kfac:.5f}")
+    print(f"\nsoftmax: Monte Carlo {mc:.5f} ± {se:.5f}; bias {bias:.5f} + exact variance {var_exact:.5f}")
     assert abs(mc - (bias + var_exact)) < 4 * se
-    assert abs(var_kfac - (mc - bias)) < 0.35 * (mc - bias)
-    assert abs(var_kfac - var_exact) > 0.05 * var_exact  # K-FAC really is approximate here
+
+
+def kfac_over_exact_variance(seed, scale):
+    """K-FAC's variance (Eq. 7) over the exact tr(P F⁻¹ P), for softmax regression at W_tgt."""
+    P = S.make_softmax(d=4, K=3, scale=scale, seed=seed)
+    model = P.model(P.W_tgt)
+    st = L.kfac_statistics(model, P.samples(20000, torch.Generator().manual_seed(seed)), P.loss_fn, {"W": model},
+                           batch_size=5000, y_full=True)
+    A0 = S.random_orthonormal(4, 2, torch.Generator().manual_seed(5))
+    IP = torch.kron(torch.eye(2, dtype=torch.float64), S.projector(A0))
+    exact = (IP @ torch.linalg.inv(P.fisher(n=50000)) @ IP).trace().item()
+    return L.variance_term(st.Z["W"], st.Y["W"], A0, 1, EXACT).item() / exact
+
+
+def test_kfac_underestimates_the_softmax_variance_more_as_the_logits_grow():
+    """What holds across seeds and scales (measured: ratios 0.48 to 0.98 at scales 1-2, 0.91 to 1.00 at 0.5):
+    K-FAC's variance is below the exact one, and further below as the logits grow (the model moves away from
+    its linear, exactly-Kronecker limit). Sampling error of the ratio here is under 1%; the smallest gap is 2%."""
+    for seed in range(4):
+        ratios = [kfac_over_exact_variance(seed, scale) for scale in (0.5, 1.0, 2.0)]
+        assert ratios[1] < 1 and ratios[2] < 1, (seed, ratios)
+        assert ratios[0] > ratios[1] > ratios[2], (seed, ratios)
 
 
 def test_surrogate_and_true_lora_fa_risk_can_prefer_different_subspaces():
@@ -202,6 +218,72 @@ def test_surrogate_and_true_lora_fa_risk_can_prefer_different_subspaces():
     others = [S.random_orthonormal(8, r, gen) for _ in range(3000)]
     surrogate = lambda A0: L.objective(P.D, P.Sigma_x, P.Y, A0, N - 8 - 1, alpha=1.0, beta=1.0, damping=EXACT).item()  # N − d_in − 1
     best_fa = min(others, key=lambda A0: P.lora_fa_risk(A0, N))
-    assert all(surrogate(da) <= surrogate(A0) for A0 in others[:300])  # LoRA-DA wins its own objective
+    # LoRA-DA wins its own objective: no random subspace goes below the Ky Fan value α‖ΔW‖² + Σ λ_1..r(M)
+    M = L.guidance_matrix(P.D, torch.linalg.inv(P.Sigma_x), P.Sigma.trace() / (N - 9), 1.0, 1.0)
+    optimum = P.D.pow(2).sum().item() + torch.linalg.eigvalsh(M)[:r].sum().item()
+    assert surrogate(da) == pytest.approx(optimum, rel=1e-9)
+    assert min(surrogate(A0) for A0 in others[:300]) > optimum * (1 + 1e-6)
     assert P.lora_fa_risk(best_fa, N) < P.lora_fa_risk(da, N)          # but not the LoRA-FA risk
     assert surrogate(best_fa) > surrogate(da)
+
+
+# --- the estimated-statistics case: G, Z, Y from |S| samples, as the method estimates them ------
+
+def paired_gap(risks, other):
+    """Mean of (other's risk − LoRA-DA's risk) over the repeats, and its standard error."""
+    return mc_mean(risks[other] - risks["LoRA-DA"])
+
+
+def test_with_estimated_statistics_lora_da_beats_bias_only_but_needs_many_samples_to_beat_gradient_svd():
+    """The oracle tests above give LoRA-DA the true G, Z, Y: there Eq. 8 *is* the expected error and LoRA-DA
+    wins by construction. Estimated from |S| samples at W0 (theory.md §9), it still beats the bias-only
+    subspace, but the natural-gradient step amplifies the sampling noise of Z⁻¹ and Y⁻¹: with few samples
+    the plain gradient-SVD subspace is better, and LoRA-DA overtakes it only with |S| in the thousands."""
+    P = S.variance_matters()
+    for N in (30, 200):
+        few = S.estimated_subspace_risks(P, 16, N, 40, seed=N)
+        diff, se = paired_gap(few, "gradient-SVD")
+        assert diff < -3 * se, f"N={N}, |S|=16: gradient-SVD should beat LoRA-DA ({diff:.3f} ± {se:.3f})"
+        some = S.estimated_subspace_risks(P, 256, N, 40, seed=N + 1)
+        diff, se = paired_gap(some, "bias-only (β=0)")
+        assert diff > 3 * se, f"N={N}, |S|=256: LoRA-DA should beat bias-only ({diff:.3f} ± {se:.3f})"
+    many = S.estimated_subspace_risks(P, 1024, 200, 20, seed=3)
+    diff, se = paired_gap(many, "gradient-SVD")
+    assert diff > 3 * se, f"N=200, |S|=1024: LoRA-DA should beat gradient-SVD ({diff:.3f} ± {se:.3f})"
+
+
+def test_the_empirical_fisher_at_W0_caps_what_more_samples_can_give():
+    """Y is estimated at W0, where g = Σε⁻¹(ε + ΔW x): E[g gᵀ] = Σε⁻¹ + Σε⁻¹ ΔW Σx ΔWᵀ Σε⁻¹, not Σε⁻¹ (the
+    O(‖ΔW‖²) bias of theory.md §5). It does not shrink with |S|: at N = 30 LoRA-DA from 4,096 samples has the
+    risk of the population empirical Fisher, well above the oracle's."""
+    P, N = S.variance_matters(), 30
+    n = N - P.W0.shape[1] - 1
+    risk = lambda A0: (L.bias_term(P.D, A0) + L.variance_term(P.Sigma_x, P.Y, A0, n, EXACT)).item()
+    solve = lambda Y: L.lora_da_solve(P.G(), P.Sigma_x, Y, 2, L.DAConfig(N=n, beta=1.0, damping=EXACT))["A0"]
+    oracle = risk(solve(P.Y))
+    Y_w0 = P.Y + P.Y @ P.D @ P.Sigma_x @ P.D.T @ P.Y
+    limit = risk(solve(Y_w0))
+    est, se = mc_mean(S.estimated_subspace_risks(P, 4096, N, 20, seed=4)["LoRA-DA"])
+    assert limit > 1.2 * oracle                     # the bias is large here (a large shift along a rare direction)
+    assert abs(est - limit) < 4 * se + 0.01 * limit  # the estimate converges to the biased limit ...
+    assert est - oracle > 10 * se                    # ... not to the oracle
+
+
+def test_with_a_shift_the_lora_fa_variance_can_exceed_the_surrogate():
+    """Eq. 7 bounds the LoRA-FA variance only for its pure-noise part (the test above sets ΔW = 0): with a
+    shift, the least-squares residual also carries the unreachable ΔW(I − Q)x, whose noise enters B̂ too
+    (Eq. 12 with Σε + R Z Rᵀ). With a large enough shift, the LoRA-FA variance exceeds Eq. 7, measured."""
+    P, N, r = S.variance_matters(), 50, 2
+    P.W_tgt = P.W0 + 3 * P.D                                       # a larger shift than the other tests'
+    gen = torch.Generator().manual_seed(1)
+    Z = P.Sigma_x
+
+    def parts(A0):
+        C = A0.T @ Z @ A0
+        R = P.D @ (torch.eye(8, dtype=torch.float64) - Z @ A0 @ torch.linalg.solve(C, A0.T))
+        return R.pow(2).sum().item(), L.variance_term(Z, P.Y, A0, N - r - 1, EXACT).item()
+    A0 = max((S.random_orthonormal(8, r, gen) for _ in range(200)), key=lambda A: P.lora_fa_risk(A, N) - sum(parts(A)))
+    bias_fa, eq7 = parts(A0)
+    mc, se = mc_mean(P.lora_fa_errors([A0], N, 4000, gen)[:, 0])
+    assert abs(mc - P.lora_fa_risk(A0, N)) < 4 * se               # Eq. 12's risk, measured
+    assert mc - bias_fa > eq7 + 4 * se                            # its variance part is above Eq. 7
