@@ -45,6 +45,20 @@ class ModelArgs:
     tie_embeddings: bool = True  # stories260K shares embedding and output; LLaMA-2-7B does not
 
 
+def check_args(args: ModelArgs, source="model"):
+    """The shapes the architecture needs, as one-line errors instead of a bare assert deep inside."""
+    n_kv = args.n_kv_heads or args.n_heads
+    for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+        if not isinstance(getattr(args, name), int) or getattr(args, name) < 1:
+            raise CheckpointError(f"{source}: {name} must be a positive integer, got {getattr(args, name)}")
+    if args.dim % args.n_heads:
+        raise CheckpointError(f"{source}: dim {args.dim} is not divisible by n_heads {args.n_heads}")
+    if n_kv < 1 or args.n_heads % n_kv:
+        raise CheckpointError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {n_kv}")
+    if (args.dim // args.n_heads) % 2:
+        raise CheckpointError(f"{source}: head size {args.dim // args.n_heads} must be even for rotary embeddings")
+
+
 PRESETS = {
     "stories260K": ModelArgs(),
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, vocab_size=32000,
@@ -384,11 +398,15 @@ def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: b
     """Add LoRA to a base model as the adapter describes, apply its W0 shift, load A and B."""
     state = path_or_state
     if not isinstance(state, dict):
-        if not Path(state).is_file():
-            raise FileNotFoundError(f"LoRA adapter not found: {state}")
-        state = torch.load(state, map_location="cpu", weights_only=True)
+        if Path(state).is_dir() and (Path(state) / "adapter_config.json").is_file():
+            state = read_peft(state, model)  # a PEFT folder (this project's export, or PEFT's own)
+        elif not Path(state).is_file():
+            raise FileNotFoundError(f"LoRA adapter not found: {state} (a .pt file, or a PEFT folder with adapter_config.json)")
+        else:
+            state = torch_load(Path(state))
     cfg = state["config"]
-    layers = lora_layers(model) or add_lora(model, cfg["r"], cfg["lora_alpha"], cfg["targets"], cfg["rslora"],
+    lora_alpha = cfg.get("lora_alpha", cfg.get("alpha"))  # "alpha" in adapters written before the rename
+    layers = lora_layers(model) or add_lora(model, cfg["r"], lora_alpha, cfg["targets"], cfg["rslora"],
                                             dropout=dropout, freeze_A=freeze_A)
     if set(layers) != set(state["lora"]):
         raise ValueError(f"adapter layers {sorted(state['lora'])[:3]}... do not match the model's {sorted(layers)[:3]}...")
@@ -396,7 +414,8 @@ def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: b
         dev = m.lora_A.device
         if n in state.get("W0_shift", {}):
             s = state["W0_shift"][n]
-            m.init_(s["A"].to(dev), s["B"].to(dev), shift_W0=True)
+            A0, B0 = s.get("A", s.get("A0")), s.get("B", s.get("B0"))  # "A0"/"B0" before the rename
+            m.init_(A0.to(dev), B0.to(dev), shift_W0=True)
         m.init_(state["lora"][n]["A"].to(dev), state["lora"][n]["B"].to(dev))
     return layers
 
@@ -413,8 +432,12 @@ class Tokenizer:
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer not found: {path} (expected a sentencepiece .model file)")
         self.sp = spm.SentencePieceProcessor()
-        if not self.sp.Load(str(path)):
-            raise ValueError(f"{path}: not a sentencepiece model")
+        try:
+            ok = self.sp.Load(str(path))
+        except (RuntimeError, OSError) as e:
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}: not a sentencepiece .model file")
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
@@ -508,6 +531,7 @@ def hf_args(c: dict, source, has_output: bool = True) -> ModelArgs:
 
 
 def _build(args: ModelArgs, sd: dict, device, dtype, source) -> Transformer:
+    check_args(args, source)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -521,6 +545,7 @@ def _build(args: ModelArgs, sd: dict, device, dtype, source) -> Transformer:
     for k, shape in expected.items():
         if tuple(sd[k].shape) != tuple(shape):
             raise CheckpointError(f"{source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(shape)}")
+    check_finite(sd, source)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)  # assign: no second copy of a 7B model
     if args.tie_embeddings:
@@ -585,12 +610,27 @@ def _meta_shard_dim(name: str) -> Optional[int]:
     return None
 
 
+def torch_load(path: Path):
+    """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # an unpickler refusal, a truncated zip, random bytes
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint, or a damaged one ({first})")
+
+
+def check_finite(sd: dict, source):
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{source}: weight {k} has NaN or inf entries")
+
+
 def _read_meta(path: Path):
     params = read_json(path / "params.json")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{path}: params.json found but no consolidated.NN.pth shards")
-    states = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
+    states = [torch_load(s) for s in shards]
     sd = {}
     for name in states[0]:
         if name == "rope.freqs":  # Meta's 7B carries its RoPE table; we recompute it
@@ -633,6 +673,12 @@ def hf_unpermute(w, n_heads: int):
     return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
 
 
+def hf_permute(w, n_heads: int):
+    """Meta's row order -> Hugging Face's (the inverse of hf_unpermute), for W and for LoRA's B."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
 _HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
              "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
              "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
@@ -654,7 +700,7 @@ def _read_hf(path: Path):
             raw.update(load_file(str(f)))
     elif pt_files:
         for f in pt_files:
-            raw.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            raw.update(torch_load(f))
     else:
         raise CheckpointError(f"{path}: config.json found but no *.safetensors or pytorch_model*.bin")
     shape = hf_args(cfg, path / "config.json")
@@ -681,6 +727,147 @@ def _read_hf(path: Path):
             sd[name] = v
     args = hf_args(cfg, path / "config.json", has_output="output.weight" in sd)
     return args, sd
+
+
+_META_NAMES = {v: k for k, v in _HF_NAMES.items()}
+
+
+def save_hf_checkpoint(model: Transformer, folder):
+    """Write config.json and the weights as Hugging Face's LlamaForCausalLM names them (q and k rows permuted
+    back to HF's rotary layout); model.safetensors when safetensors is installed, else pytorch_model.bin."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    a = model.args
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": ffn_hidden_dim(a), "num_attention_heads": a.n_heads,
+              "num_hidden_layers": a.n_layers, "num_key_value_heads": a.n_kv_heads or a.n_heads,
+              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+              "max_position_embeddings": a.max_seq_len, "tie_word_embeddings": a.tie_embeddings,
+              "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if k == "tok_embeddings.weight":
+            sd["model.embed_tokens.weight"] = v
+        elif k == "norm.weight":
+            sd["model.norm.weight"] = v
+        elif k == "output.weight":
+            if not a.tie_embeddings:
+                sd["lm_head.weight"] = v
+        else:
+            _, i, mod, leaf = k.split(".", 3)
+            mod, leaf = f"{mod}.{leaf}".rsplit(".", 1)
+            if mod == "attention.wq":
+                v = hf_permute(v, a.n_heads).contiguous()
+            elif mod == "attention.wk":
+                v = hf_permute(v, a.n_kv_heads or a.n_heads).contiguous()
+            sd[f"model.layers.{i}.{_META_NAMES[mod]}.{leaf}"] = v
+    _save_tensors(sd, folder, "model")
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
+
+
+def _save_tensors(sd: dict, folder: Path, stem: str) -> Path:
+    """stem.safetensors when the safetensors package is installed, else a plain state dict in the .bin name HF uses."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        path = folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin")
+        atomic_save(sd, path)
+        return path
+    path = folder / f"{stem}.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
+# PEFT's adapter format for LlamaForCausalLM: adapter_config.json + adapter_model.safetensors (or .bin),
+# tensors named base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...
+PEFT_PREFIX = "base_model.model.model.layers."
+
+
+def save_peft(model: nn.Module, folder, base_model: str = "", readme: str = ""):
+    """Write the model's LoRA adapter as a PEFT folder. An init that moved W0 (PiSSA, LoRA-GA) cannot be an
+    adapter of rank r on the original W0: it is written at rank 2r as [B, −B_init] [A; A_init] (the trained
+    update minus the initial one, as PEFT converts PiSSA), with lora_alpha set so the scale is unchanged."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to export")
+    one = next(iter(layers.values()))
+    moved = any(m.W0_shift is not None for m in layers.values())
+    if moved and not all(m.W0_shift is not None for m in layers.values()):
+        raise ValueError("some layers moved W0 and some did not: cannot export one PEFT adapter")
+    r = 2 * one.r if moved else one.r
+    lora_alpha = one.scaling * (math.sqrt(r) if one.rslora else r)  # PEFT: s = lora_alpha/√r (rsLoRA) or /r
+    n_heads, n_kv = model.args.n_heads, model.args.n_kv_heads or model.args.n_heads
+    sd = {}
+    for name, m in layers.items():
+        A, B = m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()
+        if moved:
+            B0, A0 = m.W0_shift
+            A, B = torch.cat([A, A0]), torch.cat([B, -B0], dim=1)  # s[B, −B0][A; A0] = s(B A − B0 A0)
+        _, i, mod = name.split(".", 2)
+        if mod == "attention.wq":
+            B = hf_permute(B, n_heads)
+        elif mod == "attention.wk":
+            B = hf_permute(B, n_kv)
+        key = f"{PEFT_PREFIX}{i}.{_META_NAMES[mod]}"
+        sd[f"{key}.lora_A.weight"] = A.contiguous()
+        sd[f"{key}.lora_B.weight"] = B.contiguous()
+    targets = sorted({_META_NAMES[n.split(".", 2)[2]].rsplit(".", 1)[1] for n in layers})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora_alpha,
+              "use_rslora": one.rslora, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "base_model_name_or_path": base_model, "init_lora_weights": True,
+              "inference_mode": False, "modules_to_save": None}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tensors(sd, folder, "adapter_model")
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
+    note = readme or ""
+    if moved:
+        note += (f"\nThis adapter was initialized by a method that moves W0 (PiSSA or LoRA-GA). It is written at rank "
+                 f"{r} = 2 x {one.r} on the ORIGINAL base weights: its product is the trained update minus the initial "
+                 f"one, [B, -B_init][A; A_init], with lora_alpha = {lora_alpha:g} so that the scale is unchanged.\n")
+    if note:
+        atomic_write_text(folder / "README.md", note.lstrip())
+    return folder
+
+
+def read_peft(folder, model: Transformer) -> dict:
+    """A PEFT adapter folder (as save_peft writes it) -> the state load_lora takes: names and the q/k row
+    permutation undone."""
+    folder = Path(folder)
+    cfg = read_json(folder / "adapter_config.json")
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{folder}: adapter_config.json has peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
+    if (folder / "adapter_model.safetensors").is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{folder} holds adapter_model.safetensors: pip install safetensors to read it")
+        raw = load_file(str(folder / "adapter_model.safetensors"))
+    elif (folder / "adapter_model.bin").is_file():
+        raw = torch_load(folder / "adapter_model.bin")
+    else:
+        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+    n_heads, n_kv = model.args.n_heads, model.args.n_kv_heads or model.args.n_heads
+    lora = {}
+    for k, v in raw.items():
+        if not k.startswith(PEFT_PREFIX):
+            raise CheckpointError(f"{folder}: unexpected tensor {k} (expected {PEFT_PREFIX}...)")
+        i, rest = k[len(PEFT_PREFIX):].split(".", 1)      # "0", "self_attn.q_proj.lora_A.weight"
+        mod, which, _ = rest.rsplit(".", 2)                 # "self_attn.q_proj", "lora_A", "weight"
+        if mod not in _HF_NAMES or which not in ("lora_A", "lora_B"):
+            raise CheckpointError(f"{folder}: unexpected tensor {k}")
+        meta = _HF_NAMES[mod]
+        if which == "lora_B" and meta == "attention.wq":
+            v = hf_unpermute(v, n_heads)
+        elif which == "lora_B" and meta == "attention.wk":
+            v = hf_unpermute(v, n_kv)
+        lora.setdefault(f"layers.{i}.{meta}", {})["A" if which == "lora_A" else "B"] = v.float()
+    return {"config": {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "rslora": cfg.get("use_rslora", False),
+                       "targets": sorted({n.rsplit(".", 1)[1] for n in lora})},
+            "lora": lora, "W0_shift": {}}
 
 
 def atomic_save(obj, path):
@@ -718,21 +905,30 @@ def main(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype")
     args = p.parse_args(argv)
     try:
-        if args.max_new_tokens < 0 or args.temperature < 0:
-            raise ValueError("--max-new-tokens and --temperature must be >= 0")
+        if args.max_new_tokens < 0 or not (math.isfinite(args.temperature) and args.temperature >= 0):
+            raise ValueError(f"--max-new-tokens and --temperature must be finite and >= 0, got "
+                             f"{args.max_new_tokens} and {args.temperature}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         tok = Tokenizer(args.tokenizer)
         model = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
         if tok.vocab_size != model.args.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects {model.args.vocab_size}")
         ids = tok.encode(args.prompt, bos=True)
+        if len(ids) >= model.args.max_seq_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens and fills the model's context of "
+                             f"{model.args.max_seq_len}: nothing can be generated; shorten it")
         gen = torch.Generator().manual_seed(args.seed)
         x = torch.tensor([ids], device=args.device)
         new = list(model.generate(x, args.max_new_tokens, args.temperature, args.top_p,
                                   stop_ids=(tok.eos_id, tok.bos_id), generator=gen))
         print(tok.decode(ids + new))
+        if len(new) < args.max_new_tokens and len(ids) + len(new) >= model.args.max_seq_len:
+            print(f"note: stopped after {len(new)} tokens at the model's context of {model.args.max_seq_len}",
+                  file=sys.stderr)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

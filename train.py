@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -101,11 +102,16 @@ SETTINGS = {
         "eval_interval": (150, "evaluate every N steps (0: only at step 0 and at the end)"),
         "log_interval": (50, "print a progress line every N steps"),
         "resume": (False, "continue from out_dir/ckpt.pt"),
-        "save_merged": (False, "also write the merged model in Meta's format to out_dir/merged/"),
+        "save_merged": (False, "also write the merged model to out_dir/merged/"),
+        "merged_format": ("meta", "format of the merged model: meta (params.json + consolidated.00.pth) or hf"),
+        "export_peft": (None, "also write the adapter as a PEFT folder (adapter_config.json + weights) here"),
+        "init_only": (False, "compute the initialization, write init_adapter.pt (and --export-peft), skip training"),
+        "init_data": (None, "with --init-only: the init samples from this file instead of the task (text: one sample "
+                            "per line; .jsonl: {\"prompt\": ..., \"answer\": ...} per line)"),
         "dry_run": (False, "print the parameter count and the memory of each stage, allocate nothing, exit"),
     },
 }
-CHOICES = {"task": ("sst2", "gsm8k"), "dtype": ("fp32", "bf16", "fp16"), "token_mask": ("all", "labels"),
+CHOICES = {"merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"), "dtype": ("fp32", "bf16", "fp16"), "token_mask": ("all", "labels"),
            "solver": ("eigh", "lobpcg")}
 METHODS = lora_da.METHODS
 
@@ -173,8 +179,12 @@ FILES = {  # relative path -> (canonical URL, sha256)
 
 
 def data_dirs(cfg):
-    dirs = [cfg.data_dir, os.environ.get("LORA_DA_DATA"), "data", ROOT.parent / "shared" / "data"]
-    return [Path(d) for d in dirs if d]
+    """Where to look: an explicit --data-dir or $LORA_DA_DATA alone (used or refused, never skipped),
+    else ./data, then ../shared/data beside the repository."""
+    explicit = cfg.data_dir or os.environ.get("LORA_DA_DATA")
+    if explicit:
+        return [Path(explicit)]
+    return [Path("data"), ROOT.parent / "shared" / "data"]
 
 
 def find_data(cfg, needed):
@@ -183,9 +193,11 @@ def find_data(cfg, needed):
         if all((d / f).is_file() for f in needed):
             return d
     if cfg.download:
-        return download(Path(cfg.data_dir or "data"), needed)
+        return download(data_dirs(cfg)[0], needed)
     lines = [f"{f}  from {FILES[f][0]}  sha256 {FILES[f][1]}" for f in needed]
-    raise UsageError(f"data files not found in {', '.join(str(d) for d in data_dirs(cfg))}; need: "
+    where = ", ".join(str(d) for d in data_dirs(cfg))
+    missing = [f for f in needed if not (data_dirs(cfg)[0] / f).is_file()]
+    raise UsageError(f"data files not found in {where} (missing {', '.join(missing)}); need: "
                      + "; ".join(lines) + " (or run with --download)")
 
 
@@ -224,8 +236,18 @@ SST2_PROMPT = "Review: {sentence}\nThe reviewer was"
 SST2_WORDS = (" sad", " happy")  # label 0, label 1: the model scores their first tokens
 
 
+def read_text(path):
+    """A data file's text; invalid UTF-8 is refused with the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
 def read_sst2(path):
-    rows = path.read_text().splitlines()
+    rows = read_text(path).splitlines()
     if not rows or rows[0].split("\t")[:2] != ["sentence", "label"]:
         raise UsageError(f"{path}: expected a GLUE SST-2 tsv with header 'sentence<TAB>label'")
     out = []
@@ -234,17 +256,43 @@ def read_sst2(path):
         if label not in ("0", "1"):
             raise UsageError(f"{path}:{i}: label must be 0 or 1, got {label!r}")
         out.append((sentence.strip(), int(label)))
+    if not out:
+        raise UsageError(f"{path}: no examples after the header")
     return out
 
 
 def read_gsm8k(path):
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    for i, line in enumerate(read_text(path).splitlines(), start=1):
         try:
             ex = json.loads(line)
             out.append((ex["question"], ex["answer"]))
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UsageError(f"{path}:{i}: expected a JSON object with question and answer ({e})")
+    if not out:
+        raise UsageError(f"{path}: no examples")
+    return out
+
+
+def read_init_data(path):
+    """--init-data: a .jsonl file of {"prompt", "answer"} objects, or a text file with one sample per line
+    (all of it scored) -> (prompt, answer) pairs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--init-data {path}: no such file")
+    lines = [line for line in read_text(path).splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(lines, start=1):
+            try:
+                ex = json.loads(line)
+                out.append((str(ex["prompt"]), str(ex["answer"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UsageError(f"{path}:{i}: expected a JSON object with prompt and answer ({e})")
+    else:
+        out = [("", line) for line in lines]
+    if not out:
+        raise UsageError(f"--init-data {path}: no samples")
     return out
 
 
@@ -268,12 +316,15 @@ class Task:
     """The task's examples, encoded once: (prompt ids, answer ids) per split (train, val, test), with
     truncation counted over each whole split (never silent), and right-padded batches."""
 
-    def __init__(self, cfg, tok, data_dir, context):
-        self.name = cfg.task
+    def __init__(self, cfg, tok, data_dir, context, rows=None):
+        self.name = "custom" if rows is not None else cfg.task
         self.max_len = min(cfg.max_len or (128 if cfg.task == "sst2" else context), context)
-        read, (train_file, test_file) = TASK_FILES[cfg.task]
-        train = read(data_dir / cfg.task / train_file)
-        test = read(data_dir / cfg.task / test_file) if cfg.test_eval else []  # model selection never reads it
+        if rows is not None:  # --init-data: the user's own (prompt, answer) pairs, for the init only
+            train, test = rows, []
+        else:
+            read, (train_file, test_file) = TASK_FILES[cfg.task]
+            train = read(data_dir / cfg.task / train_file)
+            test = read(data_dir / cfg.task / test_file) if cfg.test_eval else []  # model selection never reads it
         if cfg.task == "sst2":
             self.words = [tok.encode(w, bos=False) for w in SST2_WORDS]
         if cfg.train_limit:
@@ -298,10 +349,15 @@ class Task:
         if self.name == "sst2":
             prompt = tok.encode(SST2_PROMPT.format(sentence=ex[0]), bos=True)
             answer = self.words[ex[1]]
+        elif self.name == "custom":  # a text line is all answer: the loss is on every token after BOS
+            prompt = tok.encode(ex[0], bos=True)
+            answer = tok.encode(ex[1], bos=False, eos=True)
         else:
             prompt = tok.encode(f"Q: {ex[0]}\nA: ", bos=True)
             answer = tok.encode(ex[1], bos=False, eos=True)
         over = len(prompt) + len(answer) - self.max_len
+        if self.max_len < 3:
+            raise UsageError(f"--max-len {self.max_len} leaves no room for a prompt and its answer; use at least 3")
         if over > 0:  # keep BOS and the answer; cut the oldest prompt tokens (then the answer's tail)
             self.truncated[split] += 1
             keep = max(1, len(prompt) - over)
@@ -468,11 +524,59 @@ def init_config(cfg, seed, N) -> lora_da.DAConfig:
     return lora_da.DAConfig(**{k: getattr(cfg, k) for k in names}, N=cfg.N or N, seed=seed)
 
 
-def resolved(cfg, method, seed, N):
-    """Every setting as used by this run (defaults filled in), for config.json and resume checks."""
+def resolved(cfg, method, seed, N, data_dir=None):
+    """Every setting as used by this run (defaults filled in, the data folder actually read), for
+    config.json and resume checks."""
     d = {k: v for k, v in vars(cfg).items() if k not in ("methods", "init", "seeds", "seed")}
     d.update(init=method, seed=seed, N=cfg.N or N, out_dir=str(cfg.out_dir))
+    if data_dir is not None:
+        d["data_dir"] = str(Path(data_dir).resolve())
     return d
+
+
+# settings a resumed run may change: they change what is logged or written, never the numbers
+RESUMABLE = ("resume", "out_dir", "log_interval", "eval_interval", "save_merged", "merged_format", "export_peft", "download")
+
+
+def device_of(cfg):
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+    return cfg.device
+
+
+def check_writable(out_dir: Path):
+    """Refuse an --out-dir that cannot be written before any model is loaded, not at the first save."""
+    probe = Path(out_dir)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out-dir {out_dir}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"--out-dir {out_dir}: cannot write in {probe} ({e.strerror})")
+
+
+def load_checkpoint_file(ckpt_file: Path, log):
+    """The latest checkpoint, or the previous one (kept beside it) when the latest is unreadable."""
+    prev = ckpt_file.with_name("ckpt.prev.pt")
+    try:
+        return torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty or not a weights-only checkpoint
+        problem = f"{ckpt_file} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})"
+    if not prev.is_file():
+        raise UsageError(f"{problem}, and there is no earlier checkpoint {prev.name}; start again without --resume "
+                         f"or use another --out-dir")
+    try:
+        ckpt = torch.load(prev, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{problem}, and the earlier {prev} too ({type(e).__name__}); start again without --resume")
+    log(f"notice: {problem}; resuming from the previous checkpoint {prev.name} (step {ckpt['step']})")
+    return ckpt
 
 
 @dataclasses.dataclass
@@ -487,9 +591,9 @@ class Setup:
 
 
 def load(cfg, log=print) -> Setup:
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(cfg)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
-    needed = [f"{cfg.task}/{f}" for f in TASK_FILES[cfg.task][1]]
+    needed = [] if cfg.init_data else [f"{cfg.task}/{f}" for f in TASK_FILES[cfg.task][1]]
     if cfg.checkpoint is None or cfg.tokenizer is None:
         needed += ["stories260K/stories260K.bin", "stories260K/tok512.model"]
     data_dir = find_data(cfg, needed)
@@ -499,7 +603,7 @@ def load(cfg, log=print) -> Setup:
     base = llama.load_checkpoint(ckpt_path, device=device, dtype=dtype)
     if tok.vocab_size != base.args.vocab_size:
         raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects {base.args.vocab_size}")
-    task = Task(cfg, tok, data_dir, base.args.max_seq_len)
+    task = Task(cfg, tok, data_dir, base.args.max_seq_len, read_init_data(cfg.init_data) if cfg.init_data else None)
     log(f"{ckpt_path.name}: {base.num_params():,} parameters on {device} ({cfg.dtype}); {cfg.task}: "
         f"{len(task.train)} train, {len(task.val)} validation, {len(task.test)} test")
     return Setup(tok, base, task, device, ckpt_path, data_dir)
@@ -512,7 +616,6 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     setup = setup or load(cfg, log)
     tok, task, device = setup.tok, setup.task, setup.device
     N = len(task.train)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     log(f"[{method} seed {seed}] -> {out_dir}")
@@ -536,11 +639,11 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
 
     # resume from the checkpoint, or evaluate zero-shot, initialize (timed) and evaluate at step 0
     ckpt_file = out_dir / "ckpt.pt"
-    config = resolved(cfg, method, seed, N)
-    if cfg.resume and ckpt_file.is_file():
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-        saved = {k: v for k, v in ckpt["config"].items() if k not in ("resume", "out_dir")}
-        now = {k: v for k, v in config.items() if k not in ("resume", "out_dir")}
+    config = resolved(cfg, method, seed, N, setup.data_dir)
+    if cfg.resume and (ckpt_file.is_file() or ckpt_file.with_name("ckpt.prev.pt").is_file()):
+        ckpt = load_checkpoint_file(ckpt_file, log)
+        saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE}
+        now = {k: v for k, v in config.items() if k not in RESUMABLE}
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise UsageError(f"{ckpt_file} was written with other settings ({', '.join(diff)}); use another --out-dir")
@@ -553,34 +656,57 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         if cfg.resume:
             log(f"no checkpoint at {ckpt_file}: starting from scratch")
         step, history = 0, {"step": [], "loss": []}
-        metrics = {"method": method, "seed": seed, "zero_shot": evaluate_all(), "evals": []}
-        log(f"zero-shot: accuracy {metrics['zero_shot']['accuracy']:.4f}, loss {metrics['zero_shot']['loss']:.4f}")
+        metrics = {"method": method, "seed": seed, "evals": []}
+        if not cfg.init_only:
+            metrics["zero_shot"] = evaluate_all()
+            log(f"zero-shot: accuracy {metrics['zero_shot']['accuracy']:.4f}, loss {metrics['zero_shot']['loss']:.4f}")
         # the initialization (timed): statistics from the head of the training set, as the authors
         t0 = time.perf_counter()
         samples = task.samples(cfg.init_samples, tok.pad_id) if method in ("ga", "one", "da") else None
         report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log)
         metrics["init_seconds"] = time.perf_counter() - t0
         metrics["init_report"] = report
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
         llama.save_lora(model, out_dir / "init_adapter.pt")  # the init alone, reusable and convertible
+        if cfg.init_only:  # hand the initialization to another trainer: no training here
+            llama.atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
+            llama.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+            export(cfg, model, setup, out_dir, log)
+            log(f"init {method}: {metrics['init_seconds']:.1f}s; written to {out_dir / 'init_adapter.pt'}")
+            return metrics
         # step 0: after the initialization, before any update (LoRA-DA and LoRA-One already moved the model)
         metrics["step0"] = evaluate_all()
         log(f"init {method}: {metrics['init_seconds']:.1f}s; step 0: accuracy {metrics['step0']['accuracy']:.4f}, "
             f"loss {metrics['step0']['loss']:.4f}")
         metrics["train_seconds"], metrics["train_tokens"] = 0.0, 0
 
+    # the training loop's state: this sitting's clock and token count, on top of the earlier sittings'
+    warmup_steps, per_step, perms = int(cfg.warmup * cfg.steps), cfg.batch_size * cfg.grad_accum, {}
+    base_seconds, base_tokens = metrics["train_seconds"], metrics["train_tokens"]
+    t_train, t_done, tokens_seen, first_step = time.perf_counter(), None, 0, step
+
+    def add_totals():  # this sitting's time and tokens on top of the earlier sittings'
+        metrics["train_seconds"] = base_seconds + (t_done or time.perf_counter()) - t_train
+        metrics["train_tokens"] = base_tokens + tokens_seen
+        metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
+
     def save_checkpoint():
         if not all(torch.isfinite(p).all() for p in params):  # never overwrite a good checkpoint with a broken one
             raise UsageError(f"LoRA weights became non-finite by step {step}; lower --lr (now {cfg.lr:g})"
                              + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
-        llama.atomic_save({"step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
-                           "rng": torch.get_rng_state(), "metrics": metrics, "history": history, "config": config},
-                          ckpt_file)
+        add_totals()
+        # the new checkpoint is written whole first, then the latest becomes ckpt.prev.pt: a good one always exists
+        tmp = ckpt_file.with_name("ckpt.pt.tmp")
+        torch.save({"step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(), "metrics": metrics, "history": history, "config": config}, tmp)
+        if ckpt_file.is_file():
+            os.replace(ckpt_file, ckpt_file.with_name("ckpt.prev.pt"))
+        os.replace(tmp, ckpt_file)
         crash_for_tests(step)
 
     # the training loop: AdamW on the LoRA factors, one (accumulated) batch per step
-    warmup_steps, per_step, perms = int(cfg.warmup * cfg.steps), cfg.batch_size * cfg.grad_accum, {}
     model.train()
-    t_train, tokens_seen = time.perf_counter(), 0
+    t_train = time.perf_counter()
     while step < cfg.steps:
         lr = get_lr(step, cfg.lr, cfg.steps, warmup_steps)
         for group in optimizer.param_groups:
@@ -604,7 +730,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
 
         if step % cfg.log_interval == 0 or step == cfg.steps:
             dt = time.perf_counter() - t_train
-            eta = dt / max(1, step - (history["step"][0] - 1)) * (cfg.steps - step)
+            eta = dt / max(1, step - first_step) * (cfg.steps - step)  # from this sitting's pace
             log(f"step {step:5d}/{cfg.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | "
                 f"{tokens_seen / max(dt, 1e-9):,.0f} tok/s | ETA {eta:.0f}s")
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
@@ -615,13 +741,12 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
             save_checkpoint()
 
     # the final evaluation and the run's totals
-    metrics["train_seconds"] += time.perf_counter() - t_train
-    metrics["train_tokens"] += tokens_seen
+    t_done = time.perf_counter()  # the training loop's clock stops here
+    add_totals()
     if "final" not in metrics or metrics.get("final_step") != step:
         metrics["final"] = evaluate_all()
         metrics["final_step"] = step
         metrics["evals"].append({"step": step, **metrics["final"]})
-    metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
     metrics["truncated"] = dict(task.truncated)
     if any(task.truncated.values()):
         log(f"truncated to --max-len {task.max_len} from the left of the prompt: " +
@@ -639,14 +764,23 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     llama.atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
     llama.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     plot_loss(history, metrics, out_dir / "loss.png", f"{method} (seed {seed}) on {cfg.task}")
+    export(cfg, model, setup, out_dir, log)
+    return metrics
+
+
+def export(cfg, model, setup, out_dir, log):
+    """The adapter as a PEFT folder (--export-peft) and the merged model (--save-merged, Meta or HF format)."""
+    if cfg.export_peft:
+        llama.save_peft(model, cfg.export_peft, base_model=str(setup.checkpoint))
+        log(f"PEFT adapter written to {cfg.export_peft}")
     if cfg.save_merged:
         merged = copy.deepcopy(model)
         for layer in llama.lora_layers(merged).values():
             layer.merge()
         unwrap(merged)
-        llama.save_meta_checkpoint(merged, out_dir / "merged")
-        log(f"merged model written to {out_dir / 'merged'}")
-    return metrics
+        save = llama.save_hf_checkpoint if cfg.merged_format == "hf" else llama.save_meta_checkpoint
+        save(merged, out_dir / "merged")
+        log(f"merged model ({cfg.merged_format} format) written to {out_dir / 'merged'}")
 
 
 def crash_for_tests(step):
@@ -757,6 +891,7 @@ def main(argv=None):
             return
         out = Path(cfg.out_dir)
         multi = len(cfg.methods) > 1 or cfg.seeds > 1
+        check_writable(out)
         setup = load(cfg)  # tokenizer, model and data once; every run copies the model
         results = {}
         for method in cfg.methods:

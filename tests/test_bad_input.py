@@ -1,0 +1,180 @@
+"""Bad input, as a table: each row is a command (train.py or llama.py) with one thing wrong, the exit it must
+end with, and a fragment of the one-line message that says what was expected. No row may end in a traceback,
+and no refused run may leave an output folder behind."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+FAST = ["--train-limit", "60", "--eval-limit", "8", "--steps", "2", "--batch-size", "4", "--init-samples", "4",
+        "--stats-batch-size", "4", "--eval-interval", "0"]
+
+
+class Evil:
+    """A pickle that would run code when loaded without weights_only."""
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, data):
+    """Every broken file a row needs, made once."""
+    d = tmp_path_factory.mktemp("bad")
+    blob = (data / "stories260K" / "stories260K.bin").read_bytes()
+    for n in (0, 27, 5000, len(blob) - 100):
+        (d / f"cut{n}.bin").write_bytes(blob[:n])
+    (d / "random.bin").write_bytes(os.urandom(4096))
+    nan = bytearray(blob)
+    offset = 28 + 4 * (512 * 64 + 5 * 64)  # header, embedding, attention norms: the first weight of layers.0.wq
+    nan[offset:offset + 4] = bytes.fromhex("0000c07f")  # a float32 NaN
+    (d / "nan.bin").write_bytes(bytes(nan))
+    (d / "tok.model").write_bytes(os.urandom(2048))
+    (d / "empty.model").write_bytes(b"")
+    for name, params in {"badjson": "{not json", "nokey": json.dumps({"n_layers": 5}),
+                         "heads": json.dumps({"dim": 64, "n_layers": 5, "n_heads": 6, "vocab_size": 512}),
+                         "pickle": json.dumps({"dim": 64, "n_layers": 5, "n_heads": 8, "vocab_size": 512})}.items():
+        (d / name).mkdir()
+        (d / name / "params.json").write_text(params)
+        shard = {"tok_embeddings.weight": torch.zeros(512, 64)} if name != "pickle" else {"x": Evil()}
+        torch.save(shard, d / name / "consolidated.00.pth")
+    (d / "hf").mkdir()
+    (d / "hf" / "config.json").write_text(json.dumps({"num_hidden_layers": 5}))
+    torch.save({"model.embed_tokens.weight": torch.zeros(512, 64)}, d / "hf" / "pytorch_model.bin")
+    # data folders: the real model and tokenizer beside a broken SST-2 file
+    for name, train, dev in (("headeronly", "sentence\tlabel\n", None), ("utf8", b"sentence\tlabel\ngood\t1\nbad \xff\t0\n", None)):
+        (d / name / "sst2").mkdir(parents=True)
+        shutil.copytree(data / "stories260K", d / name / "stories260K")
+        path = d / name / "sst2" / "train.tsv"
+        path.write_bytes(train if isinstance(train, bytes) else train.encode())
+        shutil.copy(data / "sst2" / "dev.tsv", d / name / "sst2" / "dev.tsv")
+    (d / "empty_data").mkdir()
+    (d / "a_file").write_text("x")
+    return d
+
+
+def cli(script, *args, env=None):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+STORIES = "stories260K/stories260K.bin"
+TOK = "stories260K/tok512.model"
+ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment of the message
+    ("data-dir empty", "train.py", ["--data-dir", "{bad}/empty_data"], "data files not found in {bad}/empty_data"),
+    ("data-dir missing", "train.py", ["--data-dir", "{bad}/nowhere"], "data files not found in {bad}/nowhere"),
+    ("gamma inf", "train.py", ["--gamma", "inf"], "--gamma must be a finite number, got inf"),
+    ("beta nan", "train.py", ["--beta", "nan"], "--beta must be a finite number, got nan"),
+    ("damping nan", "train.py", ["--damping", "nan"], "--damping must be a finite number"),
+    ("alpha inf", "train.py", ["--alpha", "inf"], "--alpha must be a finite number"),
+    ("N negative", "train.py", ["--N", "-5"], "--N must be >= 0"),
+    ("duplicate init", "train.py", ["--init", "lora,lora"], "names a method twice"),
+    ("lr 0", "train.py", ["--lr", "0"], "--lr must be positive"),
+    ("lr negative", "train.py", ["--lr", "-1"], "--lr must be positive"),
+    ("lr nan", "train.py", ["--lr", "nan"], "--lr must be a finite number"),
+    ("steps 0", "train.py", ["--steps", "0"], "--steps must be positive"),
+    ("unknown init", "train.py", ["--init", "dora"], "choose from lora, gaussian, pissa, ga, one, da"),
+    ("rank 0", "train.py", ["--rank", "0"], "--rank must be positive"),
+    ("rank too large", "train.py", ["--rank", "100000"] + FAST, "need 1 <= r <= 32"),
+    ("max-len too small", "train.py", ["--max-len", "2"] + FAST, "--max-len 2 leaves no room"),
+    ("out-dir unwritable", "train.py", ["--out-dir", "/proc/lora_da_out"], "cannot write in /proc"),
+    ("out-dir under a file", "train.py", ["--out-dir", "{bad}/a_file/out"], "is a file, not a folder"),
+    ("header-only train.tsv", "train.py", ["--data-dir", "{bad}/headeronly"] + FAST, "train.tsv: no examples after the header"),
+    ("invalid utf-8", "train.py", ["--data-dir", "{bad}/utf8"] + FAST, "train.tsv:3: not valid UTF-8"),
+    ("tokenizer not sentencepiece", "train.py", ["--tokenizer", "{bad}/tok.model"] + FAST, "not a sentencepiece .model file"),
+    ("tokenizer empty", "llama.py", ["--tokenizer", "{bad}/empty.model"], "not a sentencepiece .model file"),
+    ("empty checkpoint", "llama.py", ["--checkpoint", "{bad}/cut0.bin"], "cut0.bin: 0 bytes, too short"),
+    ("checkpoint 27 bytes", "llama.py", ["--checkpoint", "{bad}/cut27.bin"], "cut27.bin: 27 bytes, too short"),
+    ("checkpoint 5000 bytes", "train.py", ["--checkpoint", "{bad}/cut5000.bin"], "cut5000.bin: 5000 bytes, expected"),
+    ("checkpoint 100 bytes short", "llama.py", ["--checkpoint", "{bad}/cut{cutlast}.bin"], "bytes, expected"),
+    ("random bytes", "llama.py", ["--checkpoint", "{bad}/random.bin"], "not a llama2.c legacy .bin"),
+    ("NaN weight", "llama.py", ["--checkpoint", "{bad}/nan.bin"], "weight layers.0.attention.wq.weight has NaN or inf"),
+    ("malicious pickle", "llama.py", ["--checkpoint", "{bad}/pickle"], "consolidated.00.pth: not a weights-only PyTorch checkpoint"),
+    ("params.json bad json", "train.py", ["--checkpoint", "{bad}/badjson", "--tokenizer", "{data}/" + TOK], "params.json: not valid JSON"),
+    ("params.json missing key", "llama.py", ["--checkpoint", "{bad}/nokey"], "params.json: missing key 'dim'"),
+    ("config.json missing key", "llama.py", ["--checkpoint", "{bad}/hf"], "config.json: missing key 'hidden_size'"),
+    ("heads do not divide", "llama.py", ["--checkpoint", "{bad}/heads"], "dim 64 is not divisible by n_heads 6"),
+    ("temperature nan", "llama.py", ["--temperature", "nan"], "--temperature must be finite"),
+    ("prompt fills the context", "llama.py", ["--prompt", "Once upon a time " * 200], "fills the model's context of 512"),
+    ("device cuda", "train.py", ["--device", "cuda"] + FAST, "no CUDA device"),
+    ("device cuda (llama)", "llama.py", ["--device", "cuda"], "no CUDA device"),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_gets_one_line_and_leaves_nothing(row, bad, data, tmp_path):
+    name, script, args, fragment = row
+    if "cuda" in name and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    size = (data / STORIES).stat().st_size
+    fill = lambda t: t.format(bad=bad, data=data, out=tmp_path / "out", cutlast=size - 100)
+    args = [fill(a) for a in args]
+    if script == "train.py" and "--out-dir" not in args:
+        args += ["--out-dir", str(tmp_path / "out")]
+    r = cli(script, *args)
+    assert r.returncode != 0, r.stdout[-500:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert fill(fragment) in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 or (lines[0].startswith("usage:") and lines[-1].startswith("train.py: error:")), r.stderr
+    assert not (tmp_path / "out").exists()  # a refused run leaves nothing behind
+    assert "this must never run" not in r.stdout + r.stderr
+
+
+# --- resume: the previous checkpoint, changed settings, totals across sittings ---------------
+
+RESUME = FAST[:4] + ["--steps", "9", "--batch-size", "4", "--init-samples", "4", "--stats-batch-size", "4",
+                     "--eval-interval", "3", "--log-interval", "3", "--init", "lora"]
+
+
+def test_resume_from_a_corrupt_latest_checkpoint_uses_the_previous_one(tmp_path, data):
+    out = tmp_path / "run"
+    whole = cli("train.py", *RESUME, "--out-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    cut = cli("train.py", *RESUME, "--out-dir", str(out), env={"LORA_DA_CRASH_AFTER_CHECKPOINT": "6"})
+    assert cut.returncode != 0
+    assert torch.load(out / "ckpt.prev.pt", weights_only=True)["step"] == 3
+    (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:1000])   # the latest is damaged
+    r = cli("train.py", *RESUME, "--out-dir", str(out), "--resume", "--log-interval", "1")  # logging may change
+    assert r.returncode == 0, r.stderr
+    assert "resuming from the previous checkpoint ckpt.prev.pt (step 3)" in r.stdout
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert a["final"] == b["final"] and a["history"] == b["history"]
+    # totals add up across sittings: every step's tokens are counted once, whichever sitting ran it
+    assert b["train_tokens"] == a["train_tokens"]
+    assert b["train_seconds"] > 0 and math.isclose(b["tokens_per_second"], b["train_tokens"] / b["train_seconds"])
+
+
+def test_resume_refuses_changed_results_settings_and_fails_in_one_line_without_a_good_checkpoint(tmp_path, data):
+    out = tmp_path / "run"
+    cut = cli("train.py", *RESUME, "--out-dir", str(out), env={"LORA_DA_CRASH_AFTER_CHECKPOINT": "3"})
+    assert cut.returncode != 0 and not (out / "ckpt.prev.pt").exists()
+    r = cli("train.py", *RESUME, "--out-dir", str(out), "--resume", "--lr", "1e-3")
+    assert r.returncode != 0 and "written with other settings (lr)" in r.stderr and "Traceback" not in r.stderr
+    (out / "ckpt.pt").write_bytes(b"")
+    r = cli("train.py", *RESUME, "--out-dir", str(out), "--resume")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "ckpt.pt is unreadable" in r.stderr and "no earlier checkpoint" in r.stderr
+
+
+def test_config_records_the_data_folder_actually_read(tmp_path, data):
+    r = cli("train.py", *FAST, "--init", "lora", "--data-dir", str(data), "--out-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(data.resolve())
+
+
+def test_help_shows_every_default():
+    for script in ("train.py", "llama.py"):
+        r = cli(script, "--help")
+        assert r.returncode == 0
+        text = " ".join(r.stdout.split())
+        options = [w for w in r.stdout.split() if w.startswith("--") and w not in ("--help",)]
+        assert text.count("(default:") >= len({o.split("=")[0] for o in options if not o.startswith("--no-")}) // 2
+    assert "(default: 0.03)" in " ".join(cli("train.py", "--help").stdout.split())
