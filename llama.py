@@ -434,7 +434,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor()
         try:
             ok = self.sp.Load(str(path))
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError):
             ok = False
         if not ok:
             raise ValueError(f"{path}: not a sentencepiece .model file")

@@ -1,7 +1,8 @@
 """
 Plant known bugs one at a time and report which tests catch each (run by hand, not in CI):
 
-    python tests/mutants.py                 # every mutant, about 5 minutes on 2 cores
+    python tests/mutants.py                 # every mutant, the first test that catches each (about 10 minutes)
+    python tests/mutants.py --all           # every test on every mutant
     python tests/mutants.py --only sigma    # mutants whose name contains "sigma"
 
 Each mutant is a one-line change to the code (the bugs an audit planted: each changes what the method
@@ -59,21 +60,23 @@ def run(name, path, old, new, keep_going):
         if text.count(old) != 1:
             return None, f"the original text is not found exactly once in {path}"
         f.write_text(text.replace(old, new))
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
+        stop = [] if keep_going else ["-x"]  # -x: the first test that catches it is enough to say it is caught
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *stop, *TESTS],
                            cwd=copy, capture_output=True, text=True)
-        failed = sorted(set(re.findall(r"^FAILED (\S+?)(?: - .*)?$", r.stdout, re.M)))
+        failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", r.stdout, re.M)))
         return failed, None
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="run only mutants whose name contains this")
+    p.add_argument("--all", action="store_true", help="run every test on each mutant (slower), not stop at the first catch")
     a = p.parse_args()
     rows, holes = [], 0
     for name, path, old, new in MUTANTS:
         if a.only and a.only not in name:
             continue
-        failed, problem = run(name, path, old, new, False)
+        failed, problem = run(name, path, old, new, a.all)
         if problem:
             print(f"- {name}: {problem}", flush=True)
             continue

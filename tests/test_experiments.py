@@ -1,6 +1,5 @@
 """experiments.py: the protocol's machinery on a tiny grid (seconds): runs become JSONs, a rerun skips them,
 selection never reads the test set, and the tables hold the right means, intervals and paired differences."""
-import json
 import math
 
 import pytest

@@ -287,3 +287,20 @@ def test_with_a_shift_the_lora_fa_variance_can_exceed_the_surrogate():
     mc, se = mc_mean(P.lora_fa_errors([A0], N, 4000, gen)[:, 0])
     assert abs(mc - P.lora_fa_risk(A0, N)) < 4 * se               # Eq. 12's risk, measured
     assert mc - bias_fa > eq7 + 4 * se                            # its variance part is above Eq. 7
+
+
+def test_lora_fa_risk_is_exact_at_small_N():
+    """Eq. 12's finite-N factor is 1/(N − r − 1) (the inverse-Wishart mean of an r-dim regression): at N = 8,
+    r = 2 it differs from 1/(N − r) by 20%, so 20,000 simulated LoRA-FA fits tell the two apart."""
+    P, N, r = S.variance_matters(), 8, 2
+    gen = torch.Generator().manual_seed(11)
+    A = S.random_orthonormal(8, r, gen)
+    mc, se = mc_mean(P.lora_fa_errors([A], N, 20000, gen)[:, 0])
+    risk = P.lora_fa_risk(A, N)
+    # the same risk with 1/(N − r): rescale its variance part (risk minus the N-free Z-weighted bias)
+    C = A.T @ P.Sigma_x @ A
+    R = P.D @ (torch.eye(8, dtype=torch.float64) - P.Sigma_x @ A @ torch.linalg.solve(C, A.T))
+    bias = R.pow(2).sum().item()
+    wrong = bias + (risk - bias) * (N - r - 1) / (N - r)
+    assert abs(mc - risk) < 4 * se
+    assert abs(mc - wrong) > 8 * se
