@@ -22,7 +22,7 @@ def run_cli(*args, env=None):
 
 @pytest.mark.parametrize("task", ["sst2", "gsm8k"])
 def test_every_init_runs_on_both_tasks_and_writes_its_outputs(tmp_path, task, data):
-    extra = ["--max-len", "160", "--eval-limit", "2"] if task == "gsm8k" else []
+    extra = ["--max-len", "160", "--eval-limit", "1"] if task == "gsm8k" else []  # greedy decoding is the slow part
     train.main(["--init", "all", "--task", task, "--out-dir", str(tmp_path), "--data-dir", str(data)] + TINY + extra)
     for method in train.METHODS:
         d = tmp_path / f"{method}-s9"
