@@ -523,10 +523,14 @@ def causal_lm_losses(model, batch):
     (targets != -100), as the HF loss of one sequence. batch: tokens, targets (bsz, T).
     The model is asked for logits only at the scored positions (model(tokens, at=mask), as
     llama.Transformer supports): the same losses and gradients, without the unused vocabulary projection."""
-    targets = batch["targets"]
-    scored = targets != -100                                             # (bsz, T)
-    logits = model(batch["tokens"], at=scored)                           # (n_scored, V)
-    ce = torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction="none")
+    scored = batch["targets"] != -100                                    # (bsz, T)
+    return scored_losses(model(batch["tokens"], at=scored), batch["targets"])
+
+
+def scored_losses(logits_at, targets):
+    """(n_scored, V) logits at the scored positions (row-major), (bsz, T) targets -> (bsz,) mean CE per row."""
+    scored = targets != -100
+    ce = torch.nn.functional.cross_entropy(logits_at.float(), targets[scored], reduction="none")
     rows = scored.nonzero()[:, 0]                                        # the sample each scored token belongs to
     total = torch.zeros(targets.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce)
     return total / scored.sum(1).clamp_min(1)

@@ -457,12 +457,10 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64):
         b = {k: v.to(device) for k, v in task.batch(split, idx, tok.pad_id).items()}
         scored = b["targets"] != -100                                  # (B, T)
         logits = model(b["tokens"], at=scored)                         # (n_scored, V): only where read
-        ce = torch.nn.functional.cross_entropy(logits, b["targets"][scored], reduction="none")
+        for j, loss in zip(idx, lora_da.scored_losses(logits, b["targets"]).tolist()):
+            losses[j] = loss
         counts = scored.sum(1)
         first = counts.cumsum(0) - counts                              # each row's first scored position
-        per_row = torch.zeros(len(idx), dtype=ce.dtype, device=ce.device).index_add_(0, scored.nonzero()[:, 0], ce)
-        for j, loss in zip(idx, (per_row / counts.clamp_min(1)).tolist()):
-            losses[j] = loss
         if task.name == "sst2":
             at = logits[first]                                         # (B, V): the label word's first token
             pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
