@@ -5,6 +5,12 @@ training set, then trained with several seeds and compared on the test set with 
     python experiments.py baselines              # lora, gaussian, pissa, ga, one, da on SST-2
     python experiments.py convergence            # the same runs, read as curves: no new runs
     python experiments.py gsm8k                  # the protocol on GSM8K (test loss on the answers)
+    python experiments.py samples                # the open questions (README, Findings): init samples |S|,
+    python experiments.py scarcity               #   training-set size N and the variance term,
+    python experiments.py ablation               #   bias/variance/normalization/γ ablation,
+    python experiments.py rank                   #   rank r,
+    python experiments.py frozen-a               #   LoRA-FA against standard LoRA, and how far A moves,
+    python experiments.py distance               #   tasks at increasing distance from pretraining
     python experiments.py baselines --jobs 2     # J processes of one thread each (the default: 2)
     python experiments.py baselines --list       # the grid, and which runs are already done
 
@@ -18,7 +24,10 @@ The protocol (README.md, "Findings"):
      data order), with its 95% interval; "wins" only where that interval excludes zero.
 
 Every finished run is one small JSON under results/STUDY/runs/; a rerun skips them, so a study can be finished
-over several sittings and anyone can recompute the tables from the committed files.
+over several sittings and anyone can recompute the tables from the committed files. A study's rows are cells (a
+method with settings on top of the study's); a cell trains at the rate chosen for its rate group (its method at
+the settings the rate depends on, e.g. the training-set size). A run another study already made with the same
+settings is copied (naming its source), not rerun.
 """
 import argparse
 import dataclasses
@@ -35,27 +44,135 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 
 
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One row of a study: a method with settings on top of the study's, trained at the learning rate selected
+    for its rate group: the method with `rate_args`, the settings the rate depends on (e.g. the training-set
+    size); the other settings (|S|, β, γ, r) reuse the rate their method has at the study's own settings."""
+    name: str                 # file-safe row name: "da-S16"
+    method: str
+    args: tuple = ()          # train.py settings on top of the study's
+    rate_args: tuple = ()
+    rate_name: str = ""       # file-safe name of rate_args: "N64"
+    x: float = None           # the cell's place on the study's axis (|S|, N, r), for the plot
+    series: str = ""          # the line it belongs to on the plot (default: its method)
+
+    @property
+    def group(self):
+        return self.method + (f"-{self.rate_name}" if self.rate_name else "")
+
+
+def plain(methods):
+    return tuple(Cell(m, m) for m in methods)
+
+
 @dataclasses.dataclass
 class Study:
     task: str
-    methods: tuple
-    lrs: tuple                      # the one learning-rate grid every method is selected from
+    cells: tuple
+    lrs: tuple                      # the one learning-rate grid every rate group is selected from
     select_seeds: tuple             # seeds of the selection runs (validation split only)
     seeds: tuple                    # seeds of the report runs (test set), distinct from select_seeds
     args: tuple                     # train.py settings shared by every run of the study
     metric: str = "accuracy"        # what selection maximizes ("accuracy") or minimizes ("loss")
-    of: str = ""                    # a study that only reads another study's runs (convergence)
+    of: tuple = ()                  # studies whose runs this one only reads (convergence, distance)
+    pairs: tuple = ()               # (cell, cell) paired differences to report (default: da − every other cell)
+    xlabel: str = ""                # the plot's axis, when the cells have an x
+    question: str = ""              # one line: what the study asks
+
+    @property
+    def methods(self):
+        return tuple(dict.fromkeys(c.method for c in self.cells))
+
+    @property
+    def groups(self):               # rate group -> (method, rate_args)
+        return {c.group: (c.method, c.rate_args) for c in self.cells}
+
+    def cell(self, name):
+        return next(c for c in self.cells if c.name == name)
 
 
 METHODS = ("lora", "gaussian", "pissa", "ga", "one", "da")
 SST2 = ("--task", "sst2", "--steps", "400", "--eval-interval", "50", "--val-size", "1000")
+GSM8K = ("--task", "gsm8k", "--steps", "150", "--batch-size", "8", "--max-len", "320", "--eval-interval", "50",
+         "--val-size", "100", "--eval-limit", "100", "--decode-limit", "20")
+# the open-question studies: a quarter of the baselines' tokens per run (200 steps x 16), final numbers only,
+# so that several hundred runs fit on two cores; rates are re-selected at this scale on the same grid
+SCALE = ("--task", "sst2", "--steps", "200", "--batch-size", "16", "--eval-interval", "0", "--val-size", "1000",
+         "--no-zero-shot")
+LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+T_BAR = 49.5  # mean counted tokens per init sequence (SST-2, 256 samples): β = T̄ is the theory's β = 1 (theory.md §6)
+
+
+def samples_cells():
+    out = []
+    for S in (16, 64, 256, 1024):
+        out.append(Cell("da" if S == 256 else f"da-S{S}", "da", ("--init-samples", str(S)), x=S))
+        for m in ("one", "ga"):  # their recipes use 8 of the samples: here all |S|
+            out.append(Cell(f"{m}-S{S}", m, ("--init-samples", str(S), f"--{m}-samples", str(S)), x=S))
+    return tuple(out)
+
+
+def scarcity_cells():
+    out = []
+    for N in (64, 256, 1024, 4096):
+        data = ("--train-size", str(N), "--init-samples", str(min(256, N)))
+        rate = dict(rate_args=data, rate_name=f"N{N}", x=N)
+        out += [Cell(f"lora-N{N}", "lora", data, **rate), Cell(f"one-N{N}", "one", data, **rate)]
+        for beta, tag in ((0.0, "beta0"), (0.03, ""), (1.0, "beta1")):
+            out.append(Cell(f"da-N{N}" + (f"-{tag}" if tag else ""), "da", data + ("--beta", f"{beta:g}"), **rate,
+                            series=f"da β={beta:g}"))
+    return tuple(out)
+
+
+def rank_cells():
+    out = []
+    for r in (1, 2, 4, 8, 16, 32):
+        for m in ("lora", "ga", "da"):
+            if m == "ga" and r == 32:  # LoRA-GA takes 2r singular vectors: 2r > 32, the wk/wv output size
+                continue
+            out.append(Cell(m if r == 8 else f"{m}-r{r}", m, ("--rank", str(r)), x=r))
+    return tuple(out)
+
+
+ABLATION = (Cell("lora", "lora"), Cell("da", "da"), Cell("da-beta0", "da", ("--beta", "0")),
+            Cell("da-beta1", "da", ("--beta", "1")), Cell("da-betaT", "da", ("--beta", f"{T_BAR:g}")),
+            Cell("da-beta30T", "da", ("--beta", f"{30 * T_BAR:g}")), Cell("da-nonorm", "da", ("--no-normalize",)),
+            Cell("da-g64", "da", ("--gamma", "64")), Cell("da-g256", "da", ("--gamma", "256")),
+            Cell("da-g4096", "da", ("--gamma", "4096")))
+FROZEN = tuple(c for m in ("lora", "one", "da") for c in
+               (Cell(m, m), Cell(f"{m}-FA", m, ("--freeze-A",), ("--freeze-A",), "FA", series=f"{m} (A frozen)")))
+
+
+def pairs_of(cells, key):
+    """Paired comparisons between cells that agree on `key` (the study's axis)."""
+    return tuple((a.name, b.name) for a in cells for b in cells if a.x == b.x and key(a, b))
+
+
 STUDIES = {
-    "baselines": Study("sst2", METHODS, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), (101, 102), (1, 2, 3, 4, 5), SST2),
-    "convergence": Study("sst2", METHODS, (), (), (), (), of="baselines"),
-    "gsm8k": Study("gsm8k", METHODS, (3e-4, 1e-3, 3e-3, 1e-2), (101,), (1, 2, 3),
-                   ("--task", "gsm8k", "--steps", "150", "--batch-size", "8", "--max-len", "320", "--eval-interval", "50",
-                    "--val-size", "100", "--eval-limit", "100"), metric="loss"),
-    "tiny": Study("sst2", ("lora", "da"), (1e-3, 3e-3), (101,), (1, 2),  # the test suite's study: seconds
+    "baselines": Study("sst2", plain(METHODS), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), (101, 102), (1, 2, 3, 4, 5), SST2),
+    "convergence": Study("sst2", plain(METHODS), (), (), (), (), of=("baselines",)),
+    "gsm8k": Study("gsm8k", plain(METHODS), (3e-4, 1e-3, 3e-3, 1e-2), (101,), (1, 2, 3), GSM8K, metric="loss"),
+    "samples": Study("sst2", samples_cells(), LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, xlabel="init samples |S|",
+                     pairs=pairs_of(samples_cells(), lambda a, b: a.method == "da" and b.method != "da"),
+                     question="How many init samples does LoRA-DA need (open question 3)?"),
+    "scarcity": Study("sst2", scarcity_cells(), LRS, (101,), (1, 2, 3, 4, 5), SCALE, xlabel="training sentences N",
+                      pairs=pairs_of(scarcity_cells(), lambda a, b: a.method == "da" and b.method != "da" or
+                                     a.name.startswith("da") and b.name.endswith("beta0") and a.name != b.name),
+                      question="With few training sentences, does the variance term (β > 0) help (next check 1)?"),
+    "ablation": Study("sst2", ABLATION, LRS, (101, 102), (1, 2, 3, 4, 5), SCALE,
+                      pairs=tuple(("da", c.name) for c in ABLATION if c.name != "da"),
+                      question="What do the bias term, the variance term, normalization and γ each contribute (next check 3)?"),
+    "rank": Study("sst2", rank_cells(), LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, xlabel="rank r",
+                  pairs=pairs_of(rank_cells(), lambda a, b: a.method == "da" and b.method != "da"),
+                  question="Is LoRA-DA's gain robust across ranks (first experiment 2)?"),
+    "frozen-a": Study("sst2", FROZEN, LRS, (101, 102), (1, 2, 3, 4, 5), SCALE,
+                      pairs=(("lora-FA", "lora"), ("one-FA", "one"), ("da-FA", "da"), ("da-FA", "lora-FA"),
+                             ("da-FA", "one-FA"), ("da", "lora"), ("da", "one")),
+                      question="Does the frozen-A theory transfer to standard LoRA, and how far does A move (open question 4)?"),
+    "distance": Study("sst2", (), (), (), (), (), of=("baselines", "gsm8k"),
+                      question="Does LoRA-DA's gain shrink as the task moves away from pretraining (open question 1)?"),
+    "tiny": Study("sst2", plain(("lora", "da")), (1e-3, 3e-3), (101,), (1, 2),  # the test suite's study: seconds
                   ("--task", "sst2", "--steps", "4", "--batch-size", "4", "--init-samples", "8", "--eval-interval", "2",
                    "--val-size", "16", "--eval-limit", "16", "--train-limit", "300", "--stats-batch-size", "4")),
 }
@@ -64,14 +181,20 @@ STUDIES = {
 # -----------------------------------------------------------------------------
 # runs: a name, the train.py arguments, and one JSON file each
 
-def run_name(method, lr, seed, phase):
-    return f"{phase}-{method}-lr{lr:g}-s{seed}"
+def run_name(name, lr, seed, phase):
+    """select-GROUP-lrX-sS (a rate group's selection run) or report-CELL-lrX-sS (a cell's report run)."""
+    return f"{phase}-{name}-lr{lr:g}-s{seed}"
 
 
-def run_args(study, method, lr, seed, phase):
-    args = list(study.args) + ["--init", method, "--lr", f"{lr:g}", "--seed", str(seed)]
-    # selection reads only the final validation score: no periodic evaluations
-    return args + (["--no-test-eval", "--eval-interval", "0"] if phase == "select" else [])
+def run_args(study, name, lr, seed, phase):
+    if phase == "select":
+        method, extra = study.groups[name]
+    else:
+        cell = study.cell(name)
+        method, extra = cell.method, cell.args
+    args = list(study.args) + list(extra) + ["--init", method, "--lr", f"{lr:g}", "--seed", str(seed)]
+    # selection reads only the final validation score: no periodic evaluations, no GSM8K decoding
+    return args + (["--no-test-eval", "--eval-interval", "0", "--decode-limit", "0"] if phase == "select" else [])
 
 
 def load_runs(out: Path) -> dict:
@@ -117,11 +240,48 @@ def _setup(cfg, log):
     return _SETUPS[key]
 
 
-def run_all(jobs, out: Path, n_jobs: int, label: str):
-    """Run the jobs not yet done, n_jobs at a time, with progress and an ETA."""
+def config_key(args) -> str:
+    """What a run computes: its parsed settings (flag order and spelling do not matter). Runs are deterministic,
+    so two runs with the same key have the same result."""
+    import train
+    return json.dumps(vars(train.get_args(list(args))), sort_keys=True)
+
+
+def finished_runs(folders) -> dict:
+    """{config key: JSON path} of the runs already finished in these results folders (copies excluded)."""
+    index = {}
+    for folder in folders:
+        for f in sorted(Path(folder).glob("*/runs/*.json")):
+            rec = json.loads(f.read_text())
+            if "copied_from" not in rec and "args" in rec:
+                index.setdefault(config_key(rec["args"]), f)
+    return index
+
+
+def reuse(jobs, out: Path, index: dict) -> int:
+    """Copy the JSON of a run another study already made with the same settings (the base cells that several
+    studies share): the copy names its source, and its compute is counted once, in the source's study."""
+    copied = 0
+    for name, args, _ in jobs:
+        src = index.get(config_key(args))
+        if src is None or (out / "runs" / f"{name}.json").is_file():
+            continue
+        rec = json.loads(src.read_text())
+        rec.update(name=name, args=list(args), copied_from=str(src.relative_to(src.parents[2])))
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        write(out / "runs" / f"{name}.json", json.dumps(rec))
+        copied += 1
+    return copied
+
+
+def run_all(jobs, out: Path, n_jobs: int, label: str, shared=None):
+    """Run the jobs not yet done, n_jobs at a time, with progress and an ETA. With `shared` (a folder of
+    studies), runs another study already finished with the same settings are copied, not rerun."""
+    copied = reuse(jobs, out, finished_runs([shared])) if shared else 0
     todo = [j for j in jobs if not (out / "runs" / f"{j[0]}.json").is_file()]
     done = len(jobs) - len(todo)
-    print(f"{label}: {len(jobs)} runs, {done} already done, {len(todo)} to run with {n_jobs} job(s)", flush=True)
+    print(f"{label}: {len(jobs)} runs, {done} already done ({copied} copied from other studies just now), "
+          f"{len(todo)} to run with {n_jobs} job(s)", flush=True)
     if not todo:
         return
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -193,36 +353,37 @@ def score(record, metric, split=None):
 # the protocol
 
 def select_lrs(study, runs) -> dict:
-    """Each method's learning rate: the best mean validation score over the selection seeds. Reads only
-    the selection runs, which never evaluated on the test split."""
+    """Each rate group's learning rate (a group: a method at the settings its rate depends on): the best mean
+    validation score over the selection seeds. Reads only the selection runs, which never read the test split."""
     chosen = {}
-    for method in study.methods:
+    for group in study.groups:
         means = {}
         for lr in study.lrs:
-            recs = [runs.get(run_name(method, lr, s, "select")) for s in study.select_seeds]
+            recs = [runs.get(run_name(group, lr, s, "select")) for s in study.select_seeds]
             if any(r is None for r in recs):
                 break
             assert all("failed" in r or r["metrics"]["final"]["split"] == "val" for r in recs)
             means[lr] = float(np.mean([score(r, study.metric) for r in recs]))
         else:
             best = max if study.metric == "accuracy" else min  # ties: the first (smallest) rate
-            chosen[method] = best(means, key=means.get)
+            chosen[group] = best(means, key=means.get)
     return chosen
 
 
 def grid(study, phase, chosen=None):
+    """(name, lr, seed) of every run of a phase: each rate group at each rate; each cell at its group's rate."""
     if phase == "select":
-        return [(m, lr, s) for m in study.methods for lr in study.lrs for s in study.select_seeds]
-    return [(m, chosen[m], s) for m in study.methods if m in chosen for s in study.seeds]
+        return [(g, lr, s) for g in study.groups for lr in study.lrs for s in study.select_seeds]
+    return [(c.name, chosen[c.group], s) for c in study.cells if c.group in chosen for s in study.seeds]
 
 
-def run_study(name, study, out, n_jobs):
-    sel = [(run_name(m, lr, s, "select"), run_args(study, m, lr, s, "select"), out) for m, lr, s in grid(study, "select")]
-    run_all(sel, out, n_jobs, f"{name}: selection on the validation split")
+def run_study(name, study, out, n_jobs, shared=None):
+    sel = [(run_name(g, lr, s, "select"), run_args(study, g, lr, s, "select"), out) for g, lr, s in grid(study, "select")]
+    run_all(sel, out, n_jobs, f"{name}: selection on the validation split", shared)
     chosen = select_lrs(study, load_runs(out))
-    rep = [(run_name(m, lr, s, "report"), run_args(study, m, lr, s, "report"), out)
-           for m, lr, s in grid(study, "report", chosen)]
-    run_all(rep, out, n_jobs, f"{name}: report runs at each method's chosen rate")
+    rep = [(run_name(c, lr, s, "report"), run_args(study, c, lr, s, "report"), out)
+           for c, lr, s in grid(study, "report", chosen)]
+    run_all(rep, out, n_jobs, f"{name}: report runs at each cell's chosen rate", shared)
 
 
 # -----------------------------------------------------------------------------
@@ -234,39 +395,47 @@ def fmt(m, h, pct=False):
 
 
 def report_scores(study, runs, chosen, metric, split=None):
-    """{method: {seed: final score}} of the report runs."""
+    """{cell: {seed: final score}} of the report runs."""
     out = {}
-    for m in study.methods:
-        if m not in chosen:
+    for c in study.cells:
+        if c.group not in chosen:
             continue
+        m = c.name
         for s in study.seeds:
-            r = runs.get(run_name(m, chosen[m], s, "report"))
+            r = runs.get(run_name(m, chosen[c.group], s, "report"))
             if r is not None and score(r, metric, split) is not None:
                 out.setdefault(m, {})[s] = score(r, metric, split)
     return out
 
 
+def verdict(d, h, pct, a="LoRA-DA"):
+    better = d > 0 if pct else d < 0
+    return (f"{a} wins" if better else f"{a} loses") if abs(d) > h else "no resolved difference"
+
+
 def aggregate(name, study, out: Path) -> str:
     runs = load_runs(out)
     chosen = select_lrs(study, runs)
-    lines = [f"# {name}: {study.task}, {' '.join(study.args)}", "",
-             f"Runs: {len(runs)} JSON files in `runs/` (recompute with `python experiments.py {name} --aggregate`). "
-             f"Compute: {sum(r['wall_seconds'] for r in runs.values()) / 3600:.2f} CPU-thread hours.", ""]
+    own = [r for r in runs.values() if "copied_from" not in r]
+    lines = [f"# {name}: {study.task}, {' '.join(study.args)}", ""] + ([study.question, ""] if study.question else []) + [
+             f"Runs: {len(runs)} JSON files in `runs/` ({len(runs) - len(own)} copied from the study that ran the same "
+             f"settings first; recompute with `python experiments.py {name} --aggregate`). "
+             f"Compute: {sum(r['wall_seconds'] for r in own) / 3600:.2f} CPU-thread hours.", ""]
     # 1. selection
     pct = study.metric == "accuracy"
     lines += [f"## 1. Learning-rate selection: mean validation {study.metric} over seeds "
               f"{', '.join(map(str, study.select_seeds))} (validation split carved from train; test never read)", "",
               "| method | " + " | ".join(f"lr {lr:g}" for lr in study.lrs) + " | chosen |",
               "|---|" + "---|" * (len(study.lrs) + 1)]
-    for m in study.methods:
+    for g in study.groups:
         cells = []
         for lr in study.lrs:
-            recs = [runs.get(run_name(m, lr, s, "select")) for s in study.select_seeds]
+            recs = [runs.get(run_name(g, lr, s, "select")) for s in study.select_seeds]
             vals = [score(r, study.metric) for r in recs if r]
             cell = (f"{100 * np.mean(vals):.2f}" if pct else f"{np.mean(vals):.4f}") if vals else "–"
-            cells.append(f"**{cell}**" if chosen.get(m) == lr else cell)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen[m]:g} |" if m in chosen else
-                     f"| {m} | " + " | ".join(cells) + " | (incomplete) |")
+            cells.append(f"**{cell}**" if chosen.get(g) == lr else cell)
+        edge = " (grid edge)" if g in chosen and chosen[g] in (study.lrs[0], study.lrs[-1]) and len(study.lrs) > 2 else ""
+        lines.append(f"| {g} | " + " | ".join(cells) + (f" | {chosen[g]:g}{edge} |" if g in chosen else " | (incomplete) |"))
     # 2. report
     lines += ["", f"## 2. Test results at each method's chosen rate: mean ± 95% CI over seeds "
               f"{', '.join(map(str, study.seeds))}", ""]
@@ -274,31 +443,47 @@ def aggregate(name, study, out: Path) -> str:
     loss = report_scores(study, runs, chosen, "loss")
     lines += ["| method | lr | seeds | test accuracy (%) | test loss | step-0 loss | init seconds |", "|---|---|---|---|---|---|---|"]
     for m in loss:
-        recs = [runs[run_name(m, chosen[m], s, "report")] for s in loss[m]]
+        lr = chosen[study.cell(m).group]
+        recs = [runs[run_name(m, lr, s, "report")] for s in loss[m]]
         if any("failed" in r for r in recs):
-            lines.append(f"| {m} | {chosen[m]:g} | {len(recs)} | diverged in {sum('failed' in r for r in recs)} run(s) | | | |")
+            lines.append(f"| {m} | {lr:g} | {len(recs)} | diverged in {sum('failed' in r for r in recs)} run(s) | | | |")
             continue
         a = fmt(*mean_ci(list(acc[m].values())), pct=True) if m in acc else "–"
-        lines.append(f"| {m} | {chosen[m]:g} | {len(loss[m])} | {a} | {fmt(*mean_ci(list(loss[m].values())))} | "
+        lines.append(f"| {m} | {lr:g} | {len(loss[m])} | {a} | {fmt(*mean_ci(list(loss[m].values())))} | "
                      f"{fmt(*mean_ci([r['metrics']['step0']['loss'] for r in recs]))} | "
                      f"{np.mean([r['metrics']['init_seconds'] for r in recs]):.2f} |")
     # 3. paired differences
-    if "da" in loss:
+    main = acc if pct else loss
+    if not study.pairs and "da" in loss:  # the baselines' table: LoRA-DA against every other method
         lines += ["", "## 3. LoRA-DA minus each other method, paired by seed (same data order): mean ± 95% CI", "",
                   "| other | Δ test accuracy (points) | Δ test loss | pairs | verdict |", "|---|---|---|---|---|"]
-        main = acc if pct else loss
         for m in loss:
             if m == "da":
                 continue
             da_, dh, n = paired(acc["da"], acc[m]) if m in acc and "da" in acc else (float("nan"),) * 3
             dl, dlh, n2 = paired(loss["da"], loss[m])
             d, h, _ = paired(main["da"], main[m])
-            better = d > 0 if pct else d < 0
-            verdict = ("LoRA-DA wins" if better else "LoRA-DA loses") if abs(d) > h else "no resolved difference"
-            lines.append(f"| {m} | {100 * da_:+.2f} ± {100 * dh:.2f} | {dl:+.4f} ± {dlh:.4f} | {n2} | {verdict} |")
+            lines.append(f"| {m} | {100 * da_:+.2f} ± {100 * dh:.2f} | {dl:+.4f} ± {dlh:.4f} | {n2} | {verdict(d, h, pct)} |")
+    elif study.pairs:
+        lines += ["", "## 3. Paired differences, by seed (same data order): mean ± 95% CI; a difference is "
+                  "resolved only where the interval excludes zero", "",
+                  "| a − b | Δ test accuracy (points) | Δ test loss | pairs | verdict for a |", "|---|---|---|---|---|"]
+        for x, y in study.pairs:
+            if x not in loss or y not in loss or len(set(loss[x]) & set(loss[y])) < 2:
+                lines.append(f"| {x} − {y} | (not yet run) | | | |")
+                continue
+            da_, dh, _ = paired(acc[x], acc[y]) if x in acc and y in acc else (float("nan"),) * 3
+            dl, dlh, n = paired(loss[x], loss[y])
+            d, h, _ = paired(main[x], main[y])
+            lines.append(f"| {x} − {y} | {100 * da_:+.2f} ± {100 * dh:.2f} | {dl:+.4f} ± {dlh:.4f} | {n} | "
+                         f"{verdict(d, h, pct, x)} |")
+    if name in EXTRAS:
+        lines += [""] + EXTRAS[name](study, runs, chosen, out)
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
     plot_selection(study, runs, chosen, out / "selection.png")
+    if any(c.x is not None for c in study.cells):
+        plot_axis(study, acc, out / f"{name}.png")
     return text
 
 
@@ -320,7 +505,7 @@ def plot_selection(study, runs, chosen, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m in study.methods:
+    for m in study.groups:
         xs, ys = [], []
         for lr in study.lrs:
             vals = [score(r, study.metric) for s in study.select_seeds
@@ -331,6 +516,27 @@ def plot_selection(study, runs, chosen, path):
         ax.plot(xs, ys, "o-", label=m + (f" (chosen {chosen[m]:g})" if m in chosen else ""))
     ax.set(xscale="log", xlabel="peak learning rate", ylabel=f"validation {study.metric} (mean over seeds)",
            title=f"{study.task}: learning-rate selection on the validation split")
+    ax.legend(fontsize=7 if len(study.groups) > 6 else 8)
+    fig.tight_layout()
+    savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_axis(study, acc, path):
+    """Test accuracy (mean ± 95% CI) against the study's axis (|S|, N, r), one line per series."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {}
+    for c in study.cells:
+        if c.name in acc and len(acc[c.name]) >= 2:
+            series.setdefault(c.series or c.method, []).append((c.x, *mean_ci(list(acc[c.name].values()))))
+    for k, (label, pts) in enumerate(series.items()):
+        x, m, h = map(np.array, zip(*sorted(pts)))
+        ax.errorbar(x * (1 + 0.03 * (k - len(series) / 2)), 100 * m, yerr=100 * h, fmt="o-", capsize=3, label=label)
+    ax.set(xscale="log", xlabel=study.xlabel, ylabel="SST-2 dev accuracy (%)", title=study.question or "")
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     savefig(fig, path)
@@ -386,6 +592,202 @@ def convergence(study, runs, out: Path) -> str:
 
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# what each open-question study adds to its table: the measurements that need no training run
+
+def init_only(args, method, out: Path, extra=()):
+    """One initialization through train.run --init-only (the code path every run takes); returns its report
+    and its LoRA factors {layer: {"A", "B"}}."""
+    import tempfile
+    import llama
+    import train
+    cfg = train.get_args(list(args) + list(extra) + ["--init", method, "--init-only"])
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
+        log = (lambda *a: print(*a, file=quiet))
+        metrics = train.run(cfg, method, cfg.seed, Path(tmp) / "init", _setup(cfg, log), log=log)
+        return metrics["init_report"], llama.torch_load(Path(tmp) / "init" / "init_adapter.pt")["lora"]
+
+
+def cached(path: Path, compute):
+    """A measurement computed once and committed as JSON (deterministic: rerun by deleting the file)."""
+    if not path.is_file():
+        write(path, json.dumps(compute(), indent=1))
+    return json.loads(path.read_text())
+
+
+def ratios(report, alpha, beta):
+    """Per layer, the variance term against the bias term as they enter Eq. 8: β·variance / (α·bias)."""
+    return [beta * v["variance"] / (alpha * v["bias"]) for v in report["layers"].values()]
+
+
+def samples_extra(study, runs, chosen, out):
+    """How fast the subspace settles: the largest principal angle between A0 from |S| samples and from 1024."""
+    import lora_da
+
+    def compute():
+        res = {}
+        for m in ("da", "one", "ga"):
+            A = {}
+            for S in (16, 64, 256, 1024):
+                extra = ["--init-samples", str(S)] + ([f"--{m}-samples", str(S)] if m != "da" else [])
+                A[S] = init_only(study.args, m, out, extra)[1]
+            res[m] = {S: [lora_da.principal_angle(A[S][n]["A"], A[1024][n]["A"]) for n in A[S]] for S in A}
+        return res
+    angles = cached(out / "angles.json", compute)
+    lines = ["## 4. How fast the estimate settles: largest principal angle (degrees) between the row space of A from "
+             "|S| samples and from 1,024 (the head of the training set; one value per layer, 35 layers): "
+             "median [max] over layers", "",
+             "| method | |S| = 16 | 64 | 256 | 1024 |", "|---|---|---|---|---|"]
+    for m, by in angles.items():
+        lines.append(f"| {m} | " + " | ".join(f"{np.median(v):.1f} [{max(v):.1f}]" for v in by.values()) + " |")
+    return lines
+
+
+def scarcity_extra(study, runs, chosen, out):
+    """The variance term against the bias term per layer at each N (from the report runs' init reports)."""
+    lines = ["## 4. The variance term against the bias term at LoRA-DA's chosen A0: β·variance/(α·bias) over "
+             "the 35 layers, median [max]; the variance coefficient is tr(Y⁻¹)/N with N the real training-set size", "",
+             "| N | β = 0.03 | β = 1 |", "|---|---|---|"]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in study.cells:
+        if c.method != "da" or "beta" in c.name:
+            continue
+        rec = next((r for s in study.seeds if (r := runs.get(run_name(c.name, chosen.get(c.group, 0), s, "report")))
+                    and "failed" not in r), None)
+        if rec is None:
+            continue
+        rep = rec["metrics"]["init_report"]
+        r03, r1 = ratios(rep, 1.0, 0.03), ratios(rep, 1.0, 1.0)
+        lines.append(f"| {c.x} | {np.median(r03):.2e} [{max(r03):.2e}] | {np.median(r1):.2e} [{max(r1):.2e}] |")
+        ax.scatter([c.x] * len(r1), r1, s=8, color="C0", alpha=0.5)
+    ax.set(xscale="log", yscale="log", xlabel="training sentences N", ylabel="β·variance / bias at β = 1, per layer",
+           title="variance/bias per layer (β = 0.03: divide by 33)")
+    fig.tight_layout()
+    savefig(fig, out / "ratio.png")
+    plt.close(fig)
+    return lines
+
+
+def ablation_extra(study, runs, chosen, out):
+    rec = next((r for s in study.seeds if (r := runs.get(run_name("da", chosen.get("da", 0), s, "report")))), None)
+    if rec is None:
+        return []
+    lines = ["## 4. The variance term against the bias term at this N (the full training set): β·variance/(α·bias) "
+             "at LoRA-DA's default A0, median [max] over the 35 layers", "", "| β | ratio |", "|---|---|"]
+    for beta in (0.03, 1.0, T_BAR, 30 * T_BAR):
+        r = ratios(rec["metrics"]["init_report"], 1.0, beta)
+        lines.append(f"| {beta:g} | {np.median(r):.2e} [{max(r):.2e}] |")
+    return lines
+
+
+def frozen_extra(study, runs, chosen, out):
+    lines = ["## 4. How far A moves in standard training: largest principal angle (degrees) between the row spaces of "
+             "the initial and the final A, mean over the 35 layers; mean ± 95% CI over seeds (A frozen: 0 by "
+             "construction, checked)", "", "| cell | A drift (degrees) | max over layers, mean over seeds |", "|---|---|---|"]
+    for c in study.cells:
+        recs = [r for s in study.seeds if (r := runs.get(run_name(c.name, chosen.get(c.group, 0), s, "report")))
+                and "A_drift_degrees" in r.get("metrics", {})]
+        if len(recs) >= 2:
+            d = [r["metrics"]["A_drift_degrees"] for r in recs]
+            m, h = mean_ci([x["mean"] for x in d])
+            lines.append(f"| {c.name} | {m:.1f} ± {h:.1f} | {np.mean([x['max'] for x in d]):.1f} |")
+    return lines
+
+
+def generated_stories(path: Path, n=256, max_new=200, seed=0):
+    """The pretraining domain at hand: n stories sampled from stories260K itself (temperature 1), one per line.
+    The model's own distribution is as near to its pretraining as a task can be."""
+    import torch
+    import train
+    cfg = train.get_args([])
+    setup = _setup(cfg, lambda *a: None)
+    gen, lines = torch.Generator().manual_seed(seed), []
+    for _ in range(n):
+        ids = list(setup.base.generate(torch.tensor([[setup.tok.bos_id]]), max_new, 1.0, generator=gen,
+                                       stop_ids=(setup.tok.eos_id, setup.tok.bos_id)))
+        lines.append(" ".join(setup.tok.decode(ids).split()))
+    write(path, "\n".join(line for line in lines if line) + "\n")
+    return path
+
+
+def base_nll(setup, n=256):
+    """The base model's mean cross-entropy per token over every token of the first n training examples (prompt
+    and answer): how surprising the task's text is to the pretrained model."""
+    import torch
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, a in setup.task.encoded["train"][:n]:
+            seq = torch.tensor([p + a])
+            logits = setup.base(seq[:, :-1])
+            total += torch.nn.functional.cross_entropy(logits[0].float(), seq[0, 1:], reduction="sum").item()
+            count += seq.shape[1] - 1
+    return total / count
+
+
+def distance(out: Path) -> str:
+    """Open question 1 from the data at hand: per task, how far it sits from pretraining (the base model's loss on
+    its text; the estimated shift ‖ΔW‖ against ‖W0‖) and LoRA-DA's gain over LoRA in final test loss."""
+    import train
+    tasks = {"stories (sampled from the model)": ("--init-data", str(out / "scratch" / "stories.txt")),
+             "SST-2 (movie reviews)": ("--task", "sst2"),
+             "GSM8K (word problems)": ("--task", "gsm8k", "--max-len", "320")}
+
+    def compute():
+        generated_stories(out / "scratch" / "stories.txt")
+        res = {}
+        for label, args in tasks.items():
+            report, _ = init_only(args, "da", out)
+            cfg = train.get_args(list(args))
+            layers = report["layers"].values()
+            res[label] = {"nll": base_nll(_setup(cfg, lambda *a: None)),
+                          "rel_shift": [v["dW_fro"] / v["W0_fro"] for v in layers],
+                          "sigma": [v["sigma"] for v in layers]}
+        return res
+    norms = cached(out / "norms.json", compute)
+    gains = {}
+    for label, study in (("SST-2 (movie reviews)", "baselines"), ("GSM8K (word problems)", "gsm8k")):
+        st, runs = STUDIES[study], load_runs(ROOT / "results" / study)
+        chosen = select_lrs(st, runs)
+        loss = report_scores(st, runs, chosen, "loss")
+        if "da" in loss and "lora" in loss:
+            gains[label] = (*paired(loss["da"], loss["lora"]), study)
+    lines = ["# distance: tasks at increasing distance from the pretraining domain (children's stories)", "",
+             STUDIES["distance"].question, "",
+             "Distance is measured two ways on each task's first 256 training examples: the base model's mean loss per "
+             "token (every token, prompt and answer), and the size of LoRA-DA's estimated shift, ‖ΔW‖_F/‖W0‖_F per layer "
+             "(ΔW = −Y⁻¹GZ⁻¹, Eq. 5, damping 1e-6), median [min, max] over the 35 layers. The gain is LoRA-DA minus LoRA "
+             "in final test loss, paired by seed, each at its chosen rate (from the `baselines` and `gsm8k` studies; "
+             "negative = LoRA-DA better). The stories task is for the distance only: it has no test set to train for.", "",
+             "| task | base loss per token (nats) | ‖ΔW‖_F/‖W0‖_F | LoRA-DA − LoRA, test loss | pairs | from |",
+             "|---|---|---|---|---|---|"]
+    for label, r in sorted(norms.items(), key=lambda kv: kv[1]["nll"]):
+        g = gains.get(label)
+        rel = r["rel_shift"]
+        gain = f"{g[0]:+.4f} ± {g[1]:.4f} | {g[2]} | `{g[3]}`" if g else "– | – | –"
+        lines.append(f"| {label} | {r['nll']:.3f} | {np.median(rel):.3g} [{min(rel):.3g}, {max(rel):.3g}] | {gain} |")
+    text = "\n".join(lines) + "\n"
+    write(out / "table.md", text)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, (label, r) in enumerate(norms.items()):
+        ax.scatter([r["nll"]] * len(r["rel_shift"]), r["rel_shift"], s=10, alpha=0.6, label=label, color=f"C{k}")
+    ax.set(yscale="log", xlabel="base model loss per token on the task (nats)", ylabel="‖ΔW‖_F / ‖W0‖_F per layer",
+           title="estimated shift against distance from pretraining")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    savefig(fig, out / "distance.png")
+    plt.close(fig)
+    return text
+
+
+EXTRAS = {"samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=sorted(STUDIES), help="which study")
@@ -398,8 +800,11 @@ def main(argv=None):
         p.error(f"--jobs must be >= 1, got {a.jobs}")
     study = STUDIES[a.study]
     out = Path(a.out or ROOT / "results" / a.study)
+    if a.study == "distance":  # reads the baselines and gsm8k runs; its measurements need no training
+        print(distance(out))
+        return
     if study.of:  # convergence: read the runs of another study, run nothing
-        print(convergence(STUDIES[study.of], load_runs(ROOT / "results" / study.of), out))
+        print(convergence(STUDIES[study.of[0]], load_runs(ROOT / "results" / study.of[0]), out))
         return
     if a.list:
         runs = load_runs(out)
@@ -412,7 +817,7 @@ def main(argv=None):
             print(("done  " if n in runs else "to do ") + n)
         return
     if not a.aggregate:
-        run_study(a.study, study, out, a.jobs)
+        run_study(a.study, study, out, a.jobs, shared=ROOT / "results")
     print(aggregate(a.study, study, out))
 
 

@@ -419,8 +419,9 @@ def lora_da_solve(G, Z, Y, r, cfg: DAConfig, *, seed=0, name=""):
     # the two terms of Eq. 8 at the chosen A0 (in ΔW/σ units when normalized)    (Eqs. 6, 7)
     bias = bias_term(dW, A0).item()
     var = (variance_term(Z, Y, A0, cfg.N, cfg.damping, Lz=Lz) * var_scale).item()
+    dW_fro = torch.linalg.matrix_norm(dW).item() * (sigma if cfg.normalize else 1.0)  # ‖ΔW‖_F, unnormalized
     return {"lora_A": lora_A.float(), "lora_B": lora_B.float(), "A0": A0, "dW": dW, "sigma": sigma,
-            "bias": bias, "variance": var, "solver": used}
+            "dW_fro": dW_fro, "bias": bias, "variance": var, "solver": used}
 
 
 def lora_da_factors(G, Z, Y, r, cfg: DAConfig, *, seed=0):
@@ -497,6 +498,16 @@ def lora_one_init(G, r, gamma):
 # =============================================================================
 # Initializing a model: statistics and solve for every LoRA layer (not in theory.md: plumbing)
 # =============================================================================
+
+def principal_angle(A1, A2) -> float:
+    """The largest principal angle, in degrees, between the row spaces of two (r, d_in) factors: 0 when A
+    spans the same input subspace (whatever its scale), 90 when some direction of one is orthogonal to the
+    other. How the studies measure how far A moves in training and how fast the |S|-sample estimate settles."""
+    Q1 = torch.linalg.qr(A1.detach().double().T).Q
+    Q2 = torch.linalg.qr(A2.detach().double().T).Q
+    cos = torch.linalg.svdvals(Q1.T @ Q2).min().clamp(max=1.0)
+    return math.degrees(math.acos(cos.item()))
+
 
 def lora_targets(model) -> dict:
     """The model's LoRA layers (anything with lora_A, lora_B and an init_ method), by name."""
@@ -599,7 +610,9 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
                                         name=name)
                     factors[name] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
                     Yd = stats.Y[name] if stats.Y[name].dim() == 1 else stats.Y[name].diagonal()
-                    report["layers"][name] = {"sigma": out["sigma"], "bias": out["bias"],
+                    report["layers"][name] = {"sigma": out["sigma"], "dW_fro": out["dW_fro"],
+                                              "W0_fro": torch.linalg.matrix_norm(weight_of(m).float()).item(),
+                                              "bias": out["bias"],
                                               "variance": out["variance"], "Y_median": Yd.median().item(),
                                               "damping": cfg.damping, "solver": out["solver"]}
             report["seconds"]["solve"] += time.perf_counter() - t2

@@ -57,8 +57,12 @@ SETTINGS = {
         "max_len": (0, "longest sequence in tokens, prompts truncated from the left (0: 128 for sst2, the context for gsm8k)"),
         "train_limit": (0, "use only the first N training examples (0: all)"),
         "val_size": (0, "hold out this many training examples (a seeded draw, never trained on) as a validation set"),
+        "train_size": (0, "train on only the first N training examples left after the validation split (0: all; "
+                           "data scarcity: the same step budget becomes several epochs)"),
         "test_eval": (True, "evaluate on the test split (dev.tsv for sst2); --no-test-eval never reads it (model selection)"),
         "eval_limit": (0, "evaluate on the first N test examples (0: all 872 for sst2, 50 for gsm8k)"),
+        "decode_limit": (-1, "gsm8k: greedy-decode only the first N problems of each split for exact match, the slow "
+                             "part of an evaluation (-1: all; 0: none, loss only); the loss always uses all"),
     },
     "lora": {
         "rank": (8, "LoRA rank r (paper: 8)"),
@@ -100,6 +104,8 @@ SETTINGS = {
     "io": {
         "out_dir": ("out", "output folder: config.json, metrics.json, adapter.pt, loss.png, ckpt.pt"),
         "eval_interval": (150, "evaluate every N steps (0: only at step 0 and at the end)"),
+        "zero_shot": (True, "evaluate the base model before the init (--no-zero-shot: skip it, the same for every run "
+                            "of a study)"),
         "log_interval": (50, "print a progress line every N steps"),
         "resume": (False, "continue from out_dir/ckpt.pt"),
         "save_merged": (False, "also write the merged model to out_dir/merged/"),
@@ -151,9 +157,11 @@ def get_args(argv=None):
         if getattr(cfg, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("alpha", "beta", "weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit",
-                 "eval_limit", "N", "layers_per_pass", "val_size"):
+                 "eval_limit", "N", "layers_per_pass", "val_size", "train_size"):
         if getattr(cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.decode_limit < -1:
+        p.error(f"--decode-limit must be >= -1 (-1: all), got {cfg.decode_limit}")
     if not 0 <= cfg.warmup < 1:
         p.error(f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}")
     return cfg
@@ -338,6 +346,10 @@ class Task:
             held = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))[:cfg.val_size].tolist())
             val = [ex for i, ex in enumerate(train) if i in held]
             train = [ex for i, ex in enumerate(train) if i not in held]
+        if cfg.train_size:
+            if cfg.train_size > len(train):
+                raise UsageError(f"--train-size {cfg.train_size} is more than the {len(train)} training examples")
+            train = train[:cfg.train_size]
         self.val_rows = sorted(held) if cfg.val_size else []  # line numbers in the training file, for the record
         test = test[:cfg.eval_limit or (len(test) if cfg.task == "sst2" else 50)]
         self.train, self.val, self.test = train, val, test
@@ -441,7 +453,7 @@ def gib(nbytes):
 # the pieces of a run, each a plain function of what it uses
 
 @torch.no_grad()
-def evaluate(model, task, split, tok, device, decode=True, batch_size=64):
+def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode_limit=-1):
     """Loss on the answer tokens of a split; accuracy (sst2: the label word's first token wins;
     gsm8k: greedy decoding, exact match of the final number, only when decode). Batches are formed in
     length order (less padding); each example's numbers do not depend on its batch."""
@@ -465,8 +477,10 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64):
             at = logits[first]                                         # (B, V): the label word's first token
             pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
             correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
+    n_decoded = len(rows) if task.name == "sst2" or decode_limit < 0 else min(decode_limit, len(rows))
+    decode = decode and n_decoded > 0
     if task.name == "gsm8k" and decode:
-        for j in range(len(rows)):
+        for j in range(n_decoded):
             prompt, _ = task.encode(split, j)
             room = min(256, model.args.max_seq_len - len(prompt))
             new = list(model.generate(torch.tensor([prompt], device=device), room, 0.0,
@@ -475,7 +489,8 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64):
             correct += int(pred is not None and pred == gold)
     model.train(was_training)
     decoded = task.name == "sst2" or decode
-    return {"accuracy": correct / len(rows) if decoded else None, "loss": sum(losses) / len(losses)}
+    return {"accuracy": correct / n_decoded if decoded else None, "loss": sum(losses) / len(losses),
+            **({"decoded": n_decoded} if task.name == "gsm8k" and decoded else {})}
 
 
 def backward_on_batch(model, task, idx, tok, device, groups, scale):
@@ -607,6 +622,13 @@ def load(cfg, log=print) -> Setup:
     return Setup(tok, base, task, device, ckpt_path, data_dir)
 
 
+def accuracy(ev):
+    """An evaluation's accuracy for the log: GSM8K's says how many problems were decoded."""
+    if ev["accuracy"] is None:
+        return "not decoded"
+    return f"{ev['accuracy']:.4f}" + (f" ({ev['decoded']} decoded)" if "decoded" in ev else "")
+
+
 # -----------------------------------------------------------------------------
 # one run: load -> wrap with LoRA -> the --init branch -> optimizer -> the loop -> outputs
 
@@ -629,8 +651,8 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     def evaluate_all(decode=True, periodic=False):
         """The test split's numbers at the top level (the validation split's under --no-test-eval), with
         "split" naming it; the validation split's under "val" too, except in periodic evaluations."""
-        test = evaluate(model, task, "test", tok, device, decode)
-        val = None if periodic and test else evaluate(model, task, "val", tok, device, decode)
+        test = evaluate(model, task, "test", tok, device, decode, decode_limit=cfg.decode_limit)
+        val = None if periodic and test else evaluate(model, task, "val", tok, device, decode, decode_limit=cfg.decode_limit)
         if test is None:
             return {**val, "split": "val"}
         return {**test, "split": "test", **({"val": val} if val else {})}
@@ -655,9 +677,9 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
             log(f"no checkpoint at {ckpt_file}: starting from scratch")
         step, history = 0, {"step": [], "loss": []}
         metrics = {"method": method, "seed": seed, "evals": []}
-        if not cfg.init_only:
+        if not cfg.init_only and cfg.zero_shot:
             metrics["zero_shot"] = evaluate_all()
-            log(f"zero-shot: accuracy {metrics['zero_shot']['accuracy']:.4f}, loss {metrics['zero_shot']['loss']:.4f}")
+            log(f"zero-shot: accuracy {accuracy(metrics['zero_shot'])}, loss {metrics['zero_shot']['loss']:.4f}")
         # the initialization (timed): statistics from the head of the training set, as the authors
         t0 = time.perf_counter()
         samples = task.samples(cfg.init_samples, tok.pad_id) if method in ("ga", "one", "da") else None
@@ -674,7 +696,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
             return metrics
         # step 0: after the initialization, before any update (LoRA-DA and LoRA-One already moved the model)
         metrics["step0"] = evaluate_all()
-        log(f"init {method}: {metrics['init_seconds']:.1f}s; step 0: accuracy {metrics['step0']['accuracy']:.4f}, "
+        log(f"init {method}: {metrics['init_seconds']:.1f}s; step 0: accuracy {accuracy(metrics['step0'])}, "
             f"loss {metrics['step0']['loss']:.4f}")
         metrics["train_seconds"], metrics["train_tokens"] = 0.0, 0
 
@@ -734,8 +756,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
             ev = evaluate_all(decode=False, periodic=True)  # loss (and SST-2 accuracy); GSM8K decoding only at the end
             metrics["evals"].append({"step": step, **ev})
-            acc = "not decoded" if ev["accuracy"] is None else f"{ev['accuracy']:.4f}"
-            log(f"eval step {step}: accuracy {acc}, loss {ev['loss']:.4f}")
+            log(f"eval step {step}: accuracy {accuracy(ev)}, loss {ev['loss']:.4f}")
             save_checkpoint()
 
     # the final evaluation and the run's totals
@@ -752,9 +773,13 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     total = metrics["init_seconds"] + metrics["train_seconds"]
     metrics["init_share"] = metrics["init_seconds"] / total if total else 0.0
     metrics["history"] = history
+    # how far each A moved from its init: the largest principal angle between the row spaces (frozen A: 0)
+    init = llama.torch_load(out_dir / "init_adapter.pt")["lora"]
+    drift = {n: lora_da.principal_angle(init[n]["A"], m.lora_A) for n, m in llama.lora_layers(model).items()}
+    metrics["A_drift_degrees"] = {"mean": sum(drift.values()) / len(drift), "max": max(drift.values()), "layers": drift}
     save_checkpoint()
-    log(f"final: accuracy {metrics['final']['accuracy']:.4f}, loss {metrics['final']['loss']:.4f} "
-        f"(zero-shot {metrics['zero_shot']['accuracy']:.4f}); init {metrics['init_seconds']:.1f}s = "
+    log(f"final: accuracy {accuracy(metrics['final'])}, loss {metrics['final']['loss']:.4f} "
+        + (f"(zero-shot {accuracy(metrics['zero_shot'])}); " if "zero_shot" in metrics else "; ") + f"init {metrics['init_seconds']:.1f}s = "
         f"{100 * metrics['init_share']:.1f}% of init+train; total {time.perf_counter() - t_start:.0f}s")
 
     # outputs: the adapter (with what rebuilds a shifted W0), settings, metrics, the loss curve
@@ -838,9 +863,9 @@ def compare(results, out_dir: Path, cfg):
             "|---|---|---|---|---|---|"]
     for method, runs in results.items():
         cols = []
-        for get in (lambda m: m["zero_shot"]["accuracy"], lambda m: m["step0"]["accuracy"],
+        for get in (lambda m: m.get("zero_shot", {"accuracy": None})["accuracy"], lambda m: m["step0"]["accuracy"],
                     lambda m: m["final"]["accuracy"], lambda m: m["final"]["loss"], lambda m: m["init_seconds"]):
-            mu, sd = mean_std([get(m) for m in runs])
+            mu, sd = mean_std([float("nan") if get(m) is None else get(m) for m in runs])  # None: not decoded
             cols.append(f"{mu:.4f} ± {sd:.4f}")
         rows.append(f"| {method} | " + " | ".join(cols) + " |")
     seeds = len(next(iter(results.values())))
@@ -862,8 +887,9 @@ def compare(results, out_dir: Path, cfg):
     names = list(results)
     stats = [mean_std([m["final"]["accuracy"] for m in results[k]]) for k in names]
     a2.bar(names, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], capsize=4, label="final (± std)")
-    zs = mean_std([m["zero_shot"]["accuracy"] for runs in results.values() for m in runs])[0]
-    a2.axhline(100 * zs, color="gray", ls="--", label="zero-shot")
+    zs = [m["zero_shot"]["accuracy"] for runs in results.values() for m in runs if m.get("zero_shot", {}).get("accuracy") is not None]
+    if zs:
+        a2.axhline(100 * mean_std(zs)[0], color="gray", ls="--", label="zero-shot")
     a2.set(title=f"final {cfg.task} accuracy", xlabel="initialization", ylabel="accuracy (%)")
     a2.legend()
     fig.tight_layout()

@@ -75,3 +75,60 @@ def test_the_runner_writes_skips_and_aggregates_and_selection_never_reads_the_te
 def test_a_diverged_run_is_recorded_and_scores_worst():
     rec = {"failed": "loss became nan at step 3"}
     assert E.score(rec, "accuracy") == 0.0 and E.score(rec, "loss") == float("inf")
+
+
+def test_cells_train_at_their_rate_groups_rate():
+    # claim: a cell's report run uses the rate chosen for its group; a scarcity cell's group is its N,
+    # so every N gets its own rate, and β variants share LoRA-DA's rate at that N
+    study = E.STUDIES["scarcity"]
+    chosen = {g: 1e-3 * (i + 1) for i, g in enumerate(study.groups)}
+    for name, lr, seed in E.grid(study, "report", chosen):
+        cell = study.cell(name)
+        assert lr == chosen[cell.group]
+        args = E.run_args(study, name, lr, seed, "report")
+        assert args[args.index("--lr") + 1] == f"{lr:g}" and "--no-test-eval" not in args
+    assert study.cell("da-N64-beta1").group == study.cell("da-N64").group == "da-N64" != study.cell("da-N256").group
+    sel = E.run_args(study, "da-N64", 1e-3, 101, "select")
+    assert "--no-test-eval" in sel and sel[sel.index("--train-size") + 1] == "64" and "--beta" not in sel
+    # the grids cover every cell with at least 5 report seeds, and LoRA-GA never at a rank it cannot take
+    for name, s in E.STUDIES.items():
+        if s.cells and name not in ("tiny", "convergence", "gsm8k"):
+            assert len(s.seeds) >= 5 and not set(s.seeds) & set(s.select_seeds)
+            assert all(a in {c.name for c in s.cells} and b in {c.name for c in s.cells} for a, b in s.pairs)
+    assert "ga-r32" not in {c.name for c in E.STUDIES["rank"].cells}
+
+
+def test_t_bar_is_the_mean_tokens_of_the_study_init_samples(data):
+    # claim: the ablation's β = T̄ is the mean counted tokens per init sequence of the studies' training set (±2%)
+    cfg = train.get_args(list(E.SCALE))
+    setup = train.load(cfg, lambda *a: None)
+    samples = setup.task.samples(256, setup.tok.pad_id)
+    t_bar = sum(int(s["attention_mask"].sum()) for s in samples) / len(samples)
+    assert t_bar == pytest.approx(E.T_BAR, rel=0.02)
+
+
+def test_a_run_another_study_already_made_is_copied_not_rerun(tmp_path, monkeypatch, data):
+    # setup: the tiny study's selection runs finished in one results folder
+    monkeypatch.setenv("LORA_DA_DATA", str(data))
+    monkeypatch.setattr(E, "_SETUPS", {})
+    study = E.STUDIES["tiny"]
+    first = tmp_path / "results" / "first"
+    jobs = [(E.run_name(m, lr, s, "select"), E.run_args(study, m, lr, s, "select"), first)
+            for m, lr, s in E.grid(study, "select")][:2]
+    E.run_all(jobs, first, 1, "first")
+    # claim: the same settings (flags in another order) in a second study are copied, with their source named,
+    # and nothing is trained again
+    second = tmp_path / "results" / "second"
+    def seed_first(args):
+        i = args.index("--seed")
+        return args[i:i + 2] + args[:i] + args[i + 2:]
+    moved = [(name, seed_first(args), second) for name, args, _ in jobs]
+    assert E.config_key(moved[0][1]) == E.config_key(jobs[0][1])
+    monkeypatch.setattr(E, "execute", lambda job: pytest.fail(f"{job[0]} was rerun"))
+    E.run_all(moved, second, 1, "second", shared=tmp_path / "results")
+    for name, _, _ in jobs:
+        a = E.load_runs(first)[name]
+        b = E.load_runs(second)[name]
+        assert b["metrics"] == a["metrics"] and b["copied_from"] == f"first/runs/{name}.json"
+    # and a copy is never itself a source
+    assert not any("second" in str(p) for p in E.finished_runs([tmp_path / "results"]).values())

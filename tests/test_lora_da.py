@@ -281,3 +281,29 @@ def test_failed_initialization_leaves_the_model_untouched(stories):
     # equal, NaN where the planted NaN is (torch.equal is False for any tensor holding a NaN)
     assert all(torch.equal(before[k].isnan(), after[k].isnan()) for k in before)
     assert all(torch.equal(torch.nan_to_num(before[k]), torch.nan_to_num(after[k])) for k in before)
+
+
+def test_principal_angle_sees_the_subspace_not_the_basis_or_the_scale():
+    # setup: two orthonormal directions e1, e2 in R^5 and a rotation of e2 by theta toward e3
+    import math
+    E = torch.eye(5, dtype=torch.float64)
+    theta = 0.3
+    A1 = E[:2]
+    A2 = torch.stack([E[0], math.cos(theta) * E[1] + math.sin(theta) * E[2]])
+    mix = torch.tensor([[2.0, 1.0], [0.5, -3.0]], dtype=torch.float64)
+    # claims: invariant to basis and scale; the largest angle is theta; orthogonal subspaces are at 90 degrees
+    assert L.principal_angle(A1, 0.01 * mix @ A1) == pytest.approx(0.0, abs=1e-5)
+    assert L.principal_angle(A1, A2) == pytest.approx(math.degrees(theta), abs=1e-6)
+    assert L.principal_angle(A1, E[2:4]) == pytest.approx(90.0, abs=1e-6)
+
+
+def test_the_solve_reports_the_unnormalized_shift_norm():
+    # claim: dW_fro is ‖ΔW‖_F of Eq. 5 whether or not ΔW is normalized before the solve
+    torch.manual_seed(0)
+    G, X, E = torch.randn(6, 5, dtype=torch.float64), torch.randn(40, 5, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    Z, Y = X.T @ X / 40, (E * E).mean(0)
+    dW = L.natural_gradient(G, Z, Y, 1e-6)
+    for normalize in (True, False):
+        cfg = L.DAConfig(N=100, normalize=normalize)
+        out = L.lora_da_solve(G, Z, Y, 2, cfg)
+        assert out["dW_fro"] == pytest.approx(torch.linalg.matrix_norm(dW).item(), rel=1e-9)

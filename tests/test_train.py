@@ -141,3 +141,41 @@ def test_corrupt_checkpoint_and_nan_loss_fail_cleanly_and_keep_the_earlier_check
     assert "loss became nan" in r.stderr or "became non-finite" in r.stderr
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v["B"]).all() for v in ckpt["adapter"]["lora"].values())
+
+
+def test_decode_limit_decodes_only_the_first_problems_and_keeps_the_loss(data, tokenizer, stories):
+    # claim: --decode-limit changes which GSM8K problems are decoded, never the loss over the whole split
+    cfg = train.get_args(["--task", "gsm8k", "--max-len", "160", "--eval-limit", "3", "--train-limit", "1"])
+    task = train.Task(cfg, tokenizer, data, 512)
+    full = train.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=-1)
+    one = train.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=1)
+    none = train.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=0)
+    assert full["decoded"] == 3 and one["decoded"] == 1 and "decoded" not in none
+    assert none["accuracy"] is None and 0 <= one["accuracy"] <= 1
+    assert full["loss"] == one["loss"] == none["loss"]
+
+
+def test_train_size_trains_on_the_head_of_what_the_validation_split_leaves(data, tokenizer):
+    # claim: --train-size N keeps the same validation split and trains on the first N of the remaining rows
+    base = train.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--eval-limit", "8"]), tokenizer, data, 512)
+    small = train.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--eval-limit", "8",
+                                       "--train-size", "64"]), tokenizer, data, 512)
+    assert small.val == base.val and small.train == base.train[:64]
+    with pytest.raises(train.UsageError, match="--train-size 351 is more than the 350 training examples"):
+        train.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--train-size", "351"]), tokenizer, data, 512)
+
+
+def test_a_run_records_how_far_A_moved_and_frozen_A_does_not_move(tmp_path, data):
+    # claim: the A drift is the principal angle between init and final A: > 0 when A trains, 0 when frozen
+    for frozen in (False, True):
+        out = tmp_path / f"frozen{frozen}"
+        train.main(["--init", "da", "--out-dir", str(out), "--data-dir", str(data), "--no-zero-shot",
+                    "--train-size", "100"] + TINY + (["--freeze-A"] if frozen else []))
+        m = json.loads((out / "metrics.json").read_text())
+        assert "zero_shot" not in m and json.loads((out / "config.json").read_text())["N"] == 100
+        drift = m["A_drift_degrees"]
+        assert len(drift["layers"]) == 35 and drift["max"] == max(drift["layers"].values())
+        if frozen:
+            assert drift["max"] < 1e-3
+        else:
+            assert drift["mean"] > 1.0
