@@ -234,7 +234,8 @@ _SETUPS = {}
 def _setup(cfg, log):
     """The tokenizer, model and data once per worker and data setting (runs only copy the model)."""
     import train
-    key = (cfg.task, cfg.val_size, cfg.test_eval, cfg.train_limit, cfg.eval_limit, cfg.max_len, cfg.checkpoint)
+    key = (cfg.task, cfg.val_size, cfg.test_eval, cfg.train_limit, cfg.train_size, cfg.eval_limit, cfg.max_len,
+           cfg.checkpoint, cfg.init_data)
     if key not in _SETUPS:
         _SETUPS[key] = train.load(cfg, log)
     return _SETUPS[key]
@@ -744,6 +745,7 @@ def distance(out: Path) -> str:
             layers = report["layers"].values()
             res[label] = {"nll": base_nll(_setup(cfg, lambda *a: None)),
                           "rel_shift": [v["dW_fro"] / v["W0_fro"] for v in layers],
+                          "grad": [v["G_fro"] for v in layers],
                           "sigma": [v["sigma"] for v in layers]}
         return res
     norms = cached(out / "norms.json", compute)
@@ -758,16 +760,19 @@ def distance(out: Path) -> str:
              STUDIES["distance"].question, "",
              "Distance is measured two ways on each task's first 256 training examples: the base model's mean loss per "
              "token (every token, prompt and answer), and the size of LoRA-DA's estimated shift, ‖ΔW‖_F/‖W0‖_F per layer "
-             "(ΔW = −Y⁻¹GZ⁻¹, Eq. 5, damping 1e-6), median [min, max] over the 35 layers. The gain is LoRA-DA minus LoRA "
+             "(ΔW = −Y⁻¹GZ⁻¹, Eq. 5, damping 1e-6), with the mean gradient's norm ‖G‖_F beside it (zero in expectation on "
+             "the model's own distribution), each median [min, max] over the 35 layers. The gain is LoRA-DA minus LoRA "
              "in final test loss, paired by seed, each at its chosen rate (from the `baselines` and `gsm8k` studies; "
              "negative = LoRA-DA better). The stories task is for the distance only: it has no test set to train for.", "",
-             "| task | base loss per token (nats) | ‖ΔW‖_F/‖W0‖_F | LoRA-DA − LoRA, test loss | pairs | from |",
-             "|---|---|---|---|---|---|"]
+             "| task | base loss per token (nats) | ‖G‖_F (mean gradient) | ‖ΔW‖_F/‖W0‖_F | LoRA-DA − LoRA, test loss | pairs | from |",
+             "|---|---|---|---|---|---|---|"]
     for label, r in sorted(norms.items(), key=lambda kv: kv[1]["nll"]):
         g = gains.get(label)
         rel = r["rel_shift"]
         gain = f"{g[0]:+.4f} ± {g[1]:.4f} | {g[2]} | `{g[3]}`" if g else "– | – | –"
-        lines.append(f"| {label} | {r['nll']:.3f} | {np.median(rel):.3g} [{min(rel):.3g}, {max(rel):.3g}] | {gain} |")
+        g_ = r["grad"]
+        lines.append(f"| {label} | {r['nll']:.3f} | {np.median(g_):.3g} [{min(g_):.3g}, {max(g_):.3g}] | "
+                     f"{np.median(rel):.3g} [{min(rel):.3g}, {max(rel):.3g}] | {gain} |")
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
     import matplotlib

@@ -611,6 +611,7 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
                     factors[name] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
                     Yd = stats.Y[name] if stats.Y[name].dim() == 1 else stats.Y[name].diagonal()
                     report["layers"][name] = {"sigma": out["sigma"], "dW_fro": out["dW_fro"],
+                                              "G_fro": torch.linalg.matrix_norm(G.float()).item(),
                                               "W0_fro": torch.linalg.matrix_norm(weight_of(m).float()).item(),
                                               "bias": out["bias"],
                                               "variance": out["variance"], "Y_median": Yd.median().item(),

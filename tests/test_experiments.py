@@ -132,3 +132,15 @@ def test_a_run_another_study_already_made_is_copied_not_rerun(tmp_path, monkeypa
         assert b["metrics"] == a["metrics"] and b["copied_from"] == f"first/runs/{name}.json"
     # and a copy is never itself a source
     assert not any("second" in str(p) for p in E.finished_runs([tmp_path / "results"]).values())
+
+
+def test_a_worker_reuses_its_loaded_data_only_for_the_same_data_settings(monkeypatch):
+    # claim: every setting that changes what train.load reads gives its own setup (a stale one would train
+    # a scarcity cell on the wrong training set)
+    monkeypatch.setattr(E, "_SETUPS", {})
+    monkeypatch.setattr(train, "load", lambda cfg, log: object())
+    base = train.get_args([])
+    assert E._setup(base, None) is E._setup(train.get_args(["--lr", "1"]), None)  # not a data setting
+    for change in (["--train-size", "64"], ["--init-data", "x.txt"], ["--val-size", "10"], ["--train-limit", "9"],
+                   ["--max-len", "64"], ["--eval-limit", "5"], ["--task", "gsm8k"], ["--no-test-eval"]):
+        assert E._setup(train.get_args(change), None) is not E._setup(base, None), change
