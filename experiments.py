@@ -152,7 +152,7 @@ def pairs_of(cells, key):
 STUDIES = {
     "baselines": Study("sst2", plain(METHODS), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), (101, 102), (1, 2, 3, 4, 5), SST2),
     "convergence": Study("sst2", plain(METHODS), (), (), (), (), of=("baselines",)),
-    "gsm8k": Study("gsm8k", plain(METHODS), (3e-4, 1e-3, 3e-3, 1e-2), (101,), (1, 2, 3), GSM8K, metric="loss"),
+    "gsm8k": Study("gsm8k", plain(METHODS), (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (101,), (1, 2, 3), GSM8K, metric="loss"),
     "samples": Study("sst2", samples_cells(), LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, xlabel="init samples |S|",
                      pairs=pairs_of(samples_cells(), lambda a, b: a.method == "da" and b.method != "da"),
                      question="How many init samples does LoRA-DA need (open question 3)?"),
