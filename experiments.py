@@ -166,7 +166,8 @@ STUDIES = {
     "rank": Study("sst2", rank_cells(), LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, xlabel="rank r",
                   pairs=pairs_of(rank_cells(), lambda a, b: a.method == "da" and b.method != "da"),
                   question="Is LoRA-DA's gain robust across ranks (first experiment 2)?"),
-    "frozen-a": Study("sst2", FROZEN, LRS, (101, 102), (1, 2, 3, 4, 5), SCALE,
+    # a frozen A0 as small as LoRA-DA's and LoRA-One's wants larger rates: the grid goes to 1e-1
+    "frozen-a": Study("sst2", FROZEN, LRS + (3e-2, 1e-1), (101, 102), (1, 2, 3, 4, 5), SCALE,
                       pairs=(("lora-FA", "lora"), ("one-FA", "one"), ("da-FA", "da"), ("da-FA", "lora-FA"),
                              ("da-FA", "one-FA"), ("da", "lora"), ("da", "one")),
                       question="Does the frozen-A theory transfer to standard LoRA, and how far does A move (open question 4)?"),
@@ -638,7 +639,7 @@ def samples_extra(study, runs, chosen, out):
     lines = ["## 4. How fast the estimate settles: largest principal angle (degrees) between the row space of A from "
              "|S| samples and from 1,024 (the head of the training set; one value per layer, 35 layers): "
              "median [max] over layers", "",
-             "| method | |S| = 16 | 64 | 256 | 1024 |", "|---|---|---|---|---|"]
+             "| method | 16 samples | 64 | 256 | 1024 |", "|---|---|---|---|---|"]
     for m, by in angles.items():
         lines.append(f"| {m} | " + " | ".join(f"{np.median(v):.1f} [{max(v):.1f}]" for v in by.values()) + " |")
     return lines
