@@ -484,8 +484,8 @@ def aggregate(name, study, out: Path) -> str:
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
     plot_selection(study, runs, chosen, out / "selection.png")
-    if any(c.x is not None for c in study.cells):
-        plot_axis(study, acc, out / f"{name}.png")
+    if study.pairs:  # the open-question studies: accuracy against the study's axis, or per cell
+        (plot_axis if any(c.x is not None for c in study.cells) else plot_cells)(study, acc, out / f"{name}.png")
     return text
 
 
@@ -540,6 +540,23 @@ def plot_axis(study, acc, path):
     ax.set(xscale="log", xlabel=study.xlabel, ylabel="SST-2 dev accuracy (%)", title=study.question or "")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_cells(study, acc, path):
+    """Test accuracy (mean ± 95% CI) per cell, for studies without an axis (ablation, frozen-a)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [c.name for c in study.cells if c.name in acc and len(acc[c.name]) >= 2]
+    stats = [mean_ci(list(acc[n].values())) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 4))
+    ax.bar(names, [100 * m for m, _ in stats], yerr=[100 * h for _, h in stats], capsize=4, color="C0")
+    ax.set(ylabel="SST-2 dev accuracy (%), mean ± 95% CI", ylim=(45, None), title=study.question)
+    ax.title.set_fontsize(9)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
     savefig(fig, path)
     plt.close(fig)
