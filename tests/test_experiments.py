@@ -70,6 +70,9 @@ def test_the_runner_writes_skips_and_aggregates_and_selection_never_reads_the_te
     d, h, n = E.paired(acc["da"], acc["lora"])
     assert f"| lora | {100 * d:+.2f} ± {100 * h:.2f} |" in table
     assert (tmp_path / "table.md").read_text() == table and (tmp_path / "selection.png").stat().st_size > 0
+    # a study with explicit pairs: the same difference under "a − b", and its per-cell plot
+    table = E.aggregate("tiny", E.dataclasses.replace(study, pairs=(("da", "lora"),)), tmp_path)
+    assert f"| da − lora | {100 * d:+.2f} ± {100 * h:.2f} |" in table and (tmp_path / "tiny.png").stat().st_size > 0
 
 
 def test_a_diverged_run_is_recorded_and_scores_worst():
