@@ -152,18 +152,20 @@ def pairs_of(cells, key):
 STUDIES = {
     "baselines": Study("sst2", plain(METHODS), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), (101, 102), (1, 2, 3, 4, 5), SST2),
     "convergence": Study("sst2", plain(METHODS), (), (), (), (), of=("baselines",)),
-    "gsm8k": Study("gsm8k", plain(METHODS), (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (101,), (1, 2, 3), GSM8K, metric="loss"),
-    "samples": Study("sst2", samples_cells(), LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, xlabel="init samples |S|",
+    "gsm8k": Study("gsm8k", plain(METHODS), (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (101,), (1, 2, 3, 4, 5), GSM8K, metric="loss"),
+    # ga chose 3e-4, the edge of LRS, in samples and rank: their grid goes down to 1e-4
+    "samples": Study("sst2", samples_cells(), (1e-4,) + LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, xlabel="init samples |S|",
                      pairs=pairs_of(samples_cells(), lambda a, b: a.method == "da" and b.method != "da"),
                      question="How many init samples does LoRA-DA need (open question 3)?"),
-    "scarcity": Study("sst2", scarcity_cells(), LRS, (101,), (1, 2, 3, 4, 5), SCALE, xlabel="training sentences N",
+    # lora-N64 chose 1e-2, the edge of LRS: the grid goes up to 3e-2
+    "scarcity": Study("sst2", scarcity_cells(), LRS + (3e-2,), (101,), (1, 2, 3, 4, 5), SCALE, xlabel="training sentences N",
                       pairs=pairs_of(scarcity_cells(), lambda a, b: a.method == "da" and b.method != "da" or
                                      a.name.startswith("da") and b.name.endswith("beta0") and a.name != b.name),
                       question="With few training sentences, does the variance term (β > 0) help (next check 1)?"),
     "ablation": Study("sst2", ABLATION, LRS, (101, 102), (1, 2, 3, 4, 5), SCALE,
                       pairs=tuple(("da", c.name) for c in ABLATION if c.name != "da"),
                       question="What do the bias term, the variance term, normalization and γ each contribute (next check 3)?"),
-    "rank": Study("sst2", rank_cells(), LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, xlabel="rank r",
+    "rank": Study("sst2", rank_cells(), (1e-4,) + LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, xlabel="rank r",
                   pairs=pairs_of(rank_cells(), lambda a, b: a.method == "da" and b.method != "da"),
                   question="Is LoRA-DA's gain robust across ranks (first experiment 2)?"),
     # a frozen A0 as small as LoRA-DA's and LoRA-One's wants larger rates: the grid goes to 1e-1
