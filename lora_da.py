@@ -49,7 +49,7 @@ class DAConfig:
     beta: float = 0.03           # β: weight of the variance term (the theory says 1; 0.03 is tuned for LLMs)
     gamma: float = 1024.0        # γ: B A = ΔW A0 A0ᵀ / γ
     damping: float = 1e-6        # λ: added to Z's diagonal and to Y
-    N: int = 100_000             # N: size of the fine-tuning set, in the variance term
+    N: int = 0                   # N: size of the fine-tuning set, in the variance term (0: the caller's)
     normalize: bool = True       # divide ΔW by its largest singular value σ (and the variance by σ²)
     y_full: bool = False         # Y as a full (d_out, d_out) matrix instead of its diagonal
     token_mask: str = "all"      # tokens counted in Z and Y: "all" non-padding tokens, or "labels" (loss tokens)
@@ -65,25 +65,35 @@ class DAConfig:
     one_samples: int = 8         # LoRA-One's gradient samples
 
     def __post_init__(self):
+        """The one place these settings are checked (train.py's command line reports the same errors with
+        the flag's name); the functions below trust a DAConfig."""
         for name in ("alpha", "beta", "gamma", "damping", "ga_gamma", "one_gamma"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v}")
-        if self.alpha < 0 or self.beta < 0 or (self.alpha == 0 and self.beta == 0):
-            raise ValueError(f"need alpha >= 0 and beta >= 0, not both zero; got alpha={self.alpha}, beta={self.beta}")
+                raise SettingError(name, f"must be a finite number, got {v}")
+        for name in ("alpha", "beta"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.alpha == 0 and self.beta == 0:
+            raise SettingError("beta", "must be > 0 when alpha is 0 (not both zero: nothing left to minimize)")
         for name in ("gamma", "damping", "ga_gamma", "one_gamma"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("N", "stats_batch_size", "ga_samples", "one_samples"):
+                raise SettingError(name, f"must be > 0, got {getattr(self, name)}")
+        for name, lo in (("N", 0), ("stats_batch_size", 1), ("ga_samples", 1), ("one_samples", 1), ("layers_per_pass", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v}")
-        if not isinstance(self.layers_per_pass, int) or self.layers_per_pass < 0:
-            raise ValueError(f"layers_per_pass must be an integer >= 0 (0: all blocks), got {self.layers_per_pass}")
-        if self.token_mask not in ("all", "labels"):
-            raise ValueError(f"token_mask must be 'all' or 'labels', got {self.token_mask!r}")
-        if self.solver not in ("eigh", "lobpcg"):
-            raise ValueError(f"solver must be 'eigh' or 'lobpcg', got {self.solver!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise SettingError(name, f"must be an integer >= {lo}, got {v}")
+        for name, allowed in (("token_mask", ("all", "labels")), ("solver", ("eigh", "lobpcg"))):
+            if getattr(self, name) not in allowed:
+                raise SettingError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+class SettingError(ValueError):
+    """A setting out of its range: `name` is the DAConfig field (train.py's flag is --name)."""
+
+    def __init__(self, name, what):
+        super().__init__(f"{name} {what}")
+        self.name, self.what = name, what
 
 
 # =============================================================================
@@ -174,8 +184,6 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
     numbers because sample i's outputs enter only L_i, so ∂(Σ_j L_j)/∂h_i = ∂L_i/∂h_i."""
     if len(samples) == 0:
         raise ValueError("empty sample set: LoRA-DA needs at least one target sample")
-    if token_mask not in ("all", "labels"):
-        raise ValueError(f"token_mask must be 'all' or 'labels', got {token_mask!r}")
     device = next(model.parameters()).device
     names = list(layers)
     shape = {name: tuple(weight_of(layers[name]).shape) for name in names}  # (d_out, d_in)
@@ -273,8 +281,6 @@ def _check_inputs(G, Z, Y, name=""):
 
 def damped_cholesky(Z, damping, what="Z", name=""):
     """Cholesky factor of sym(Z) + λI in fp64; raises with the damping tried when Z is not positive definite."""
-    if not (math.isfinite(damping) and damping > 0):
-        raise ValueError(f"damping must be a finite number > 0, got {damping}")
     Z = Z.double()
     Zd = (Z + Z.T) / 2 + damping * torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device)
     L, info = torch.linalg.cholesky_ex(Zd)
@@ -365,8 +371,6 @@ def smallest_eigenvectors(M, r, solver="eigh", seed=0):
     """Eq. 10 (Ky Fan): the minimum of tr(A0ᵀ M A0) over orthonormal (d, r) A0 is the sum of M's r
     smallest eigenvalues, reached by their eigenvectors. Returns (A0, solver actually used)."""
     d = M.shape[0]
-    if solver not in ("eigh", "lobpcg"):
-        raise ValueError(f"solver must be 'eigh' or 'lobpcg', got {solver!r}")
     if solver == "lobpcg" and d >= 3 * r:  # torch.lobpcg needs n >= 3k
         gen = torch.Generator(device="cpu").manual_seed(seed)
         X0, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=M.dtype).to(M.device))
@@ -392,6 +396,8 @@ def lora_da_solve(G, Z, Y, r, cfg: DAConfig, *, seed=0, name=""):
     d_out, d_in = G.shape
     if not isinstance(r, int) or not 1 <= r <= d_in:
         raise ValueError(f"rank r must be an integer in [1, d_in={d_in}], got {r}")
+    if cfg.N < 1:
+        raise ValueError(f"N must be an integer >= 1 in the solve (the fine-tuning set's size, DAConfig.N), got {cfg.N}")
     where = f" in layer {name}" if name else ""
 
     Lz = damped_cholesky(Z, cfg.damping, "Z", name)   # Z + λI = L Lᵀ, factored once for Eqs. 5, 7, 9
@@ -443,31 +449,20 @@ def svd_canonical(W):
     return U * s, S, Vh * s[:, None]
 
 
-def _check_rank(r, d_out, d_in, method):
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(d_out, d_in):
-        raise ValueError(f"{method}: rank r must be an integer in [1, {min(d_out, d_in)}] for a {d_out}x{d_in} "
-                         f"layer, got {r}")
-
-
 def lora_init(d_out, d_in, r, generator):
     """LoRA (Hu et al. 2021; PEFT default): A ~ Kaiming-uniform(a=√5) = U(−1/√d_in, 1/√d_in), B = 0."""
-    _check_rank(r, d_out, d_in, "LoRA")
     A = (torch.rand(r, d_in, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
     return A.float(), torch.zeros(d_out, r)
 
 
 def gaussian_init(d_out, d_in, r, generator):
     """PEFT's "gaussian": A ~ N(0, (1/r)²), B = 0."""
-    _check_rank(r, d_out, d_in, "Gaussian")
     return (torch.randn(r, d_in, generator=generator, dtype=torch.float64) / r).float(), torch.zeros(d_out, r)
 
 
 def pissa_init(W0, r, scaling):
     """PiSSA (Meng et al. 2024): W0 = U S Vᵀ; A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s), so s·B A is the best
     rank-r part of W0, which is then subtracted from W0 (W0 <- W0 − s·B A)."""
-    _check_rank(r, *W0.shape, "PiSSA")
-    if not (math.isfinite(scaling) and scaling > 0):
-        raise ValueError(f"PiSSA: the LoRA scaling s must be a finite number > 0, got {scaling}")
     U, S, Vh = svd_canonical(W0)
     root = (S[:r] / scaling).sqrt()
     return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()
@@ -487,7 +482,6 @@ def lora_ga_init(G, r, gamma):
 def lora_one_init(G, r, gamma):
     """LoRA-One (Zhang et al. 2025): −G = U S Vᵀ; B = U_r √S_r/√(σ1 γ), A = √S_r V_rᵀ/√(σ1 γ), so
     B A = (−G)_r/(σ1 γ): one normalized gradient step. W0 is unchanged."""
-    _check_rank(r, *G.shape, "LoRA-One")
     U, S, Vh = svd_canonical(-G)
     if S[0] == 0:
         raise ValueError("LoRA-One: the gradient is zero")

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import llama
 import lora_da
 
@@ -78,7 +78,7 @@ SETTINGS = {
         "beta": (DA.beta, "LoRA-DA beta, weight of the variance term (paper: 0.03)"),
         "gamma": (DA.gamma, "LoRA-DA gamma: B A = dW A0 A0^T / gamma (paper: 1024)"),
         "damping": (DA.damping, "LoRA-DA damping lambda on Z and Y (paper: 1e-6)"),
-        "N": (0, "LoRA-DA N in the variance term (0: the training set size, as the paper)"),
+        "N": (DA.N, "LoRA-DA N in the variance term (0: the training set size, as the paper)"),
         "normalize": (DA.normalize, "divide dW by its largest singular value (paper's code: on)"),
         "token_mask": (DA.token_mask, "tokens counted in Z and Y: all non-padding (paper) or labels"),
         "y_full": (DA.y_full, "full output factor Y instead of its diagonal (paper: diagonal)"),
@@ -120,6 +120,9 @@ SETTINGS = {
 CHOICES = {"merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"), "dtype": ("fp32", "bf16", "fp16"), "token_mask": ("all", "labels"),
            "solver": ("eigh", "lobpcg")}
 METHODS = lora_da.METHODS
+POSITIVE = ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank", "seeds", "init_samples", "lora_alpha")
+NON_NEGATIVE = ("weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit", "eval_limit",
+                "val_size", "train_size")
 
 
 class UsageError(ValueError):
@@ -149,21 +152,23 @@ def get_args(argv=None):
     if len(set(methods)) != len(methods):
         p.error(f"--init {cfg.init!r} names a method twice; each method runs once per seed")
     cfg.methods = methods
+    # the settings train.py owns, checked here by their meaning; LoRA-DA's own are checked by DAConfig below
+    da_fields = {f.name for f in dataclasses.fields(lora_da.DAConfig)}
     for name, value in vars(cfg).items():  # NaN passes every comparison below: refuse it first
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value) and name not in da_fields:
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank", "seeds", "init_samples", "stats_batch_size",
-                 "ga_samples", "one_samples", "damping", "gamma", "ga_gamma", "one_gamma"):
-        if getattr(cfg, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("alpha", "beta", "weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit",
-                 "eval_limit", "N", "layers_per_pass", "val_size", "train_size"):
-        if getattr(cfg, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for names, ok, what in ((POSITIVE, lambda v: v > 0, "positive"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
     if cfg.decode_limit < -1:
         p.error(f"--decode-limit must be >= -1 (-1: all), got {cfg.decode_limit}")
     if not 0 <= cfg.warmup < 1:
         p.error(f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}")
+    try:
+        init_config(cfg, cfg.seed, 1)
+    except lora_da.SettingError as e:
+        p.error(f"--{e.name.replace('_', '-')} {e.what}")
     return cfg
 
 
@@ -209,6 +214,11 @@ def find_data(cfg, needed):
                      + "; ".join(lines) + " (or run with --download)")
 
 
+def fetch(url, path):
+    with urllib.request.urlopen(url) as r, open(path, "wb") as out:
+        shutil.copyfileobj(r, out)
+
+
 def download(dest: Path, needed):
     for f in needed:
         target = dest / f
@@ -217,19 +227,14 @@ def download(dest: Path, needed):
         target.parent.mkdir(parents=True, exist_ok=True)
         url = FILES[f][0].split(" ")[0]
         print(f"downloading {url}")
-        tmp = target.with_name(target.name + ".tmp")
-        with urllib.request.urlopen(url) as r, open(tmp, "wb") as out:
-            shutil.copyfileobj(r, out)
-        if url.endswith(".zip"):  # GLUE ships SST-2 as a zip
+        if url.endswith(".zip"):  # GLUE ships SST-2 as a zip (7 MB): both files of it, each written atomically
+            import io
             import zipfile
-            with zipfile.ZipFile(tmp) as z:
+            with urllib.request.urlopen(url) as r, zipfile.ZipFile(io.BytesIO(r.read())) as z:
                 for name in ("train.tsv", "dev.tsv"):
-                    part = target.parent / (name + ".tmp")
-                    part.write_bytes(z.read(f"SST-2/{name}"))
-                    os.replace(part, target.parent / name)
-            tmp.unlink()
+                    checkpoints.atomic_write(target.parent / name, lambda tmp: tmp.write_bytes(z.read(f"SST-2/{name}")))
         else:
-            os.replace(tmp, target)
+            checkpoints.atomic_write(target, lambda tmp: fetch(url, tmp))
     for f in needed:
         digest = hashlib.sha256((dest / f).read_bytes()).hexdigest()
         if digest != FILES[f][1]:
@@ -531,8 +536,8 @@ def batch_indices(start, size, seed, N, perms):
 
 
 def init_config(cfg, seed, N) -> lora_da.DAConfig:
-    """The one DAConfig of a run: every field of it that is also a setting, by the same name;
-    N = 0 means the training-set size, as the paper."""
+    """The one DAConfig of a run: every field of it that is also a setting, by the same name, with N
+    filled in (N = the training-set size unless --N is given)."""
     names = [f.name for f in dataclasses.fields(lora_da.DAConfig) if f.name not in ("seed", "N")]
     return lora_da.DAConfig(**{k: getattr(cfg, k) for k in names}, N=cfg.N or N, seed=seed)
 
@@ -551,14 +556,6 @@ def resolved(cfg, method, seed, N, data_dir=None):
 RESUMABLE = ("resume", "out_dir", "log_interval", "eval_interval", "save_merged", "merged_format", "export_peft", "download")
 
 
-def device_of(cfg):
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {cfg.device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
-    return cfg.device
-
-
 def check_writable(out_dir: Path):
     """Refuse an --out-dir that cannot be written before any model is loaded, not at the first save."""
     probe = Path(out_dir)
@@ -574,7 +571,88 @@ def check_writable(out_dir: Path):
         raise UsageError(f"--out-dir {out_dir}: cannot write in {probe} ({e.strerror})")
 
 
-def load_checkpoint_file(ckpt_file: Path, log):
+@dataclasses.dataclass
+class Setup:
+    """What a process loads once and every run of it shares: never modified by a run."""
+    tok: llama.Tokenizer
+    base: llama.Transformer
+    task: Task
+    device: str
+    checkpoint: Path
+    data_dir: Path
+
+
+def load(cfg, log=print) -> Setup:
+    device = llama.resolve_device(cfg.device)
+    needed = [] if cfg.init_data else [f"{cfg.task}/{f}" for f in TASK_FILES[cfg.task][1]]
+    if cfg.checkpoint is None or cfg.tokenizer is None:
+        needed += ["stories260K/stories260K.bin", "stories260K/tok512.model"]
+    data_dir = find_data(cfg, needed)
+    ckpt_path = Path(cfg.checkpoint or data_dir / "stories260K" / "stories260K.bin")
+    tok_path = Path(cfg.tokenizer or data_dir / "stories260K" / "tok512.model")
+    tok = llama.Tokenizer(tok_path)
+    base = checkpoints.load_checkpoint(ckpt_path, device=device, dtype=llama.DTYPES[cfg.dtype])
+    if tok.vocab_size != base.args.vocab_size:
+        raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects {base.args.vocab_size}")
+    task = Task(cfg, tok, data_dir, base.args.max_seq_len, read_init_data(cfg.init_data) if cfg.init_data else None)
+    log(f"{ckpt_path.name}: {base.num_params():,} parameters on {device} ({cfg.dtype}); {cfg.task}: "
+        f"{len(task.train)} train, {len(task.val)} validation, {len(task.test)} test")
+    return Setup(tok, base, task, device, ckpt_path, data_dir)
+
+
+def accuracy(ev):
+    """An evaluation's accuracy for the log: GSM8K's says how many problems were decoded."""
+    if ev["accuracy"] is None:
+        return "not decoded"
+    return f"{ev['accuracy']:.4f}" + (f" ({ev['decoded']} decoded)" if "decoded" in ev else "")
+
+
+# -----------------------------------------------------------------------------
+# the pieces of one run, in the order run() calls them
+
+def lora_model(cfg, setup):
+    """A fresh copy of the base model with LoRA on the chosen targets; only the LoRA factors train."""
+    model = copy.deepcopy(setup.base)
+    llama.add_lora(model, r=cfg.rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets.split(","),
+                   rslora=cfg.rslora, dropout=cfg.dropout, freeze_A=cfg.freeze_A)
+    llama.mark_only_lora_trainable(model)
+    return model
+
+
+def evaluate_splits(cfg, model, setup, decode=True, periodic=False):
+    """The test split's numbers at the top level (the validation split's under --no-test-eval), with
+    "split" naming it; the validation split's under "val" too, except in periodic evaluations."""
+    ev = lambda split: evaluate(model, setup.task, split, setup.tok, setup.device, decode, decode_limit=cfg.decode_limit)
+    test = ev("test")
+    val = None if periodic and test else ev("val")
+    if test is None:
+        return {**val, "split": "val"}
+    return {**test, "split": "test", **({"val": val} if val else {})}
+
+
+def initialize(cfg, model, method, seed, N, setup, out_dir, log):
+    """A fresh start: zero-shot evaluation, the initialization (timed), step 0. Returns the run's metrics."""
+    metrics = {"method": method, "seed": seed, "evals": []}
+    if not cfg.init_only and cfg.zero_shot:
+        metrics["zero_shot"] = evaluate_splits(cfg, model, setup)
+        log(f"zero-shot: accuracy {accuracy(metrics['zero_shot'])}, loss {metrics['zero_shot']['loss']:.4f}")
+    # statistics from the head of the training set, as the authors take them
+    t0 = time.perf_counter()
+    samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id) if method in ("ga", "one", "da") else None
+    report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log)
+    metrics["init_seconds"], metrics["init_report"] = time.perf_counter() - t0, report
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
+    checkpoints.save_lora(model, out_dir / "init_adapter.pt")  # the init alone, reusable and convertible
+    if not cfg.init_only:
+        # step 0: after the initialization, before any update (LoRA-DA and LoRA-One already moved the model)
+        metrics["step0"] = evaluate_splits(cfg, model, setup)
+        log(f"init {method}: {metrics['init_seconds']:.1f}s; step 0: accuracy {accuracy(metrics['step0'])}, "
+            f"loss {metrics['step0']['loss']:.4f}")
+        metrics["train_seconds"], metrics["train_tokens"] = 0.0, 0
+    return metrics
+
+
+def read_checkpoint(ckpt_file: Path, log):
     """The latest checkpoint, or the previous one (kept beside it) when the latest is unreadable."""
     prev = ckpt_file.with_name("ckpt.prev.pt")
     try:
@@ -592,141 +670,125 @@ def load_checkpoint_file(ckpt_file: Path, log):
     return ckpt
 
 
-@dataclasses.dataclass
-class Setup:
-    """What a process loads once and every run of it shares: never modified by a run."""
-    tok: llama.Tokenizer
-    base: llama.Transformer
-    task: Task
-    device: str
-    checkpoint: Path
-    data_dir: Path
+def resume(ckpt_file, model, optimizer, config, log):
+    """Continue where the checkpoint stopped: LoRA factors, AdamW moments, RNG, metrics, loss history."""
+    ckpt = read_checkpoint(ckpt_file, log)
+    saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE}
+    now = {k: v for k, v in config.items() if k not in RESUMABLE}
+    if saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise UsageError(f"{ckpt_file} was written with other settings ({', '.join(diff)}); use another --out-dir")
+    checkpoints.load_lora(model, ckpt["adapter"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    log(f"resumed from {ckpt_file} at step {ckpt['step']}")
+    return ckpt["step"], ckpt["metrics"], ckpt["history"]
 
 
-def load(cfg, log=print) -> Setup:
-    device = device_of(cfg)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
-    needed = [] if cfg.init_data else [f"{cfg.task}/{f}" for f in TASK_FILES[cfg.task][1]]
-    if cfg.checkpoint is None or cfg.tokenizer is None:
-        needed += ["stories260K/stories260K.bin", "stories260K/tok512.model"]
-    data_dir = find_data(cfg, needed)
-    ckpt_path = Path(cfg.checkpoint or data_dir / "stories260K" / "stories260K.bin")
-    tok_path = Path(cfg.tokenizer or data_dir / "stories260K" / "tok512.model")
-    tok = llama.Tokenizer(tok_path)
-    base = llama.load_checkpoint(ckpt_path, device=device, dtype=dtype)
-    if tok.vocab_size != base.args.vocab_size:
-        raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects {base.args.vocab_size}")
-    task = Task(cfg, tok, data_dir, base.args.max_seq_len, read_init_data(cfg.init_data) if cfg.init_data else None)
-    log(f"{ckpt_path.name}: {base.num_params():,} parameters on {device} ({cfg.dtype}); {cfg.task}: "
-        f"{len(task.train)} train, {len(task.val)} validation, {len(task.test)} test")
-    return Setup(tok, base, task, device, ckpt_path, data_dir)
+def save_checkpoint(ckpt_file: Path, state: dict):
+    """The new checkpoint is written whole first, then the latest becomes ckpt.prev.pt: a good one always
+    exists. A plain dict that carries its own config, as nanoGPT's."""
+    if not all(torch.isfinite(t).all() for layer in state["adapter"]["lora"].values() for t in layer.values()):
+        raise UsageError(f"LoRA weights became non-finite by step {state['step']}; lower --lr "
+                         f"(now {state['config']['lr']:g})" + (f"; the last good checkpoint is {ckpt_file}"
+                                                            if ckpt_file.is_file() else ""))
+    checkpoints.atomic_save(state, ckpt_file, keep_previous=ckpt_file.with_name("ckpt.prev.pt"))
 
 
-def accuracy(ev):
-    """An evaluation's accuracy for the log: GSM8K's says how many problems were decoded."""
-    if ev["accuracy"] is None:
-        return "not decoded"
-    return f"{ev['accuracy']:.4f}" + (f" ({ev['decoded']} decoded)" if "decoded" in ev else "")
+class Clock:
+    """Training time and tokens: this sitting's, added to the earlier sittings' totals kept in metrics."""
+
+    def __init__(self, metrics):
+        self.metrics, self.seconds0, self.tokens0 = metrics, metrics["train_seconds"], metrics["train_tokens"]
+        self.t0, self.t_done, self.tokens = time.perf_counter(), None, 0
+
+    def totals(self):
+        m = self.metrics
+        m["train_seconds"] = self.seconds0 + (self.t_done or time.perf_counter()) - self.t0
+        m["train_tokens"] = self.tokens0 + self.tokens
+        m["tokens_per_second"] = m["train_tokens"] / max(m["train_seconds"], 1e-9)
+
+
+def finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, log):
+    """The final evaluation, how far A moved, and the run's totals."""
+    clock.t_done = time.perf_counter()  # the training loop's clock stops here
+    clock.totals()
+    if "final" not in metrics or metrics.get("final_step") != step:
+        metrics["final"] = evaluate_splits(cfg, model, setup)
+        metrics["final_step"] = step
+        metrics["evals"].append({"step": step, **metrics["final"]})
+    task = setup.task
+    metrics["truncated"] = dict(task.truncated)
+    if any(task.truncated.values()):
+        log(f"truncated to --max-len {task.max_len} from the left of the prompt: " +
+            ", ".join(f"{n} {split}" for split, n in task.truncated.items() if n) + " examples")
+    total = metrics["init_seconds"] + metrics["train_seconds"]
+    metrics["init_share"] = metrics["init_seconds"] / total if total else 0.0
+    metrics["history"] = history
+    # how far each A moved from its init: the largest principal angle between the row spaces (frozen A: 0)
+    init = checkpoints.torch_load(out_dir / "init_adapter.pt")["lora"]
+    drift = {n: lora_da.principal_angle(init[n]["A"], m.lora_A) for n, m in llama.lora_layers(model).items()}
+    metrics["A_drift_degrees"] = {"mean": sum(drift.values()) / len(drift), "max": max(drift.values()), "layers": drift}
+    log(f"final: accuracy {accuracy(metrics['final'])}, loss {metrics['final']['loss']:.4f} "
+        + (f"(zero-shot {accuracy(metrics['zero_shot'])}); " if "zero_shot" in metrics else "; ")
+        + f"init {metrics['init_seconds']:.1f}s = {100 * metrics['init_share']:.1f}% of init+train; "
+        f"total {time.perf_counter() - t_start:.0f}s")
+
+
+def write_outputs(cfg, model, setup, out_dir, config, metrics, log, history=None):
+    """The adapter (with what rebuilds a shifted W0), settings, metrics, the loss curve, the exports."""
+    if history is not None:
+        checkpoints.save_lora(model, out_dir / "adapter.pt")
+    checkpoints.atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
+    checkpoints.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    if history is not None:
+        plot_loss(history, metrics, out_dir / "loss.png", f"{metrics['method']} (seed {metrics['seed']}) on {cfg.task}")
+    if cfg.export_peft:
+        checkpoints.save_peft(model, cfg.export_peft, base_model=str(setup.checkpoint))
+        log(f"PEFT adapter written to {cfg.export_peft}")
+    if cfg.save_merged:
+        merged = copy.deepcopy(model)
+        for layer in llama.lora_layers(merged).values():
+            layer.merge()
+        for name, layer in llama.lora_layers(merged).items():  # back to plain nn.Linear: Meta's names
+            parent, child = name.rsplit(".", 1)
+            setattr(merged.get_submodule(parent), child, layer.base)
+        save = checkpoints.save_hf_checkpoint if cfg.merged_format == "hf" else checkpoints.save_meta_checkpoint
+        save(merged, out_dir / "merged")
+        log(f"merged model ({cfg.merged_format} format) written to {out_dir / 'merged'}")
 
 
 # -----------------------------------------------------------------------------
-# one run: load -> wrap with LoRA -> the --init branch -> optimizer -> the loop -> outputs
+# one run: load -> LoRA -> init or resume -> the loop -> outputs
 
 def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     setup = setup or load(cfg, log)
-    tok, task, device = setup.tok, setup.task, setup.device
-    N = len(task.train)
+    task, N, t_start = setup.task, len(setup.task.train), time.perf_counter()
     torch.manual_seed(seed)
-    t_start = time.perf_counter()
     log(f"[{method} seed {seed}] -> {out_dir}")
-
-    # LoRA on the chosen targets of a fresh copy of the base model; only LoRA parameters train
-    model = copy.deepcopy(setup.base)
-    llama.add_lora(model, r=cfg.rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets.split(","),
-                   rslora=cfg.rslora, dropout=cfg.dropout, freeze_A=cfg.freeze_A)
-    llama.mark_only_lora_trainable(model)
+    model = lora_model(cfg, setup)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-
-    def evaluate_all(decode=True, periodic=False):
-        """The test split's numbers at the top level (the validation split's under --no-test-eval), with
-        "split" naming it; the validation split's under "val" too, except in periodic evaluations."""
-        test = evaluate(model, task, "test", tok, device, decode, decode_limit=cfg.decode_limit)
-        val = None if periodic and test else evaluate(model, task, "val", tok, device, decode, decode_limit=cfg.decode_limit)
-        if test is None:
-            return {**val, "split": "val"}
-        return {**test, "split": "test", **({"val": val} if val else {})}
-
-    # resume from the checkpoint, or evaluate zero-shot, initialize (timed) and evaluate at step 0
-    ckpt_file = out_dir / "ckpt.pt"
-    config = resolved(cfg, method, seed, N, setup.data_dir)
+    ckpt_file, config = out_dir / "ckpt.pt", resolved(cfg, method, seed, N, setup.data_dir)
     if cfg.resume and (ckpt_file.is_file() or ckpt_file.with_name("ckpt.prev.pt").is_file()):
-        ckpt = load_checkpoint_file(ckpt_file, log)
-        saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE}
-        now = {k: v for k, v in config.items() if k not in RESUMABLE}
-        if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise UsageError(f"{ckpt_file} was written with other settings ({', '.join(diff)}); use another --out-dir")
-        llama.load_lora(model, ckpt["adapter"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        step, metrics, history = ckpt["step"], ckpt["metrics"], ckpt["history"]
-        log(f"resumed from {ckpt_file} at step {step}")
+        step, metrics, history = resume(ckpt_file, model, optimizer, config, log)
     else:
         if cfg.resume:
             log(f"no checkpoint at {ckpt_file}: starting from scratch")
         step, history = 0, {"step": [], "loss": []}
-        metrics = {"method": method, "seed": seed, "evals": []}
-        if not cfg.init_only and cfg.zero_shot:
-            metrics["zero_shot"] = evaluate_all()
-            log(f"zero-shot: accuracy {accuracy(metrics['zero_shot'])}, loss {metrics['zero_shot']['loss']:.4f}")
-        # the initialization (timed): statistics from the head of the training set, as the authors
-        t0 = time.perf_counter()
-        samples = task.samples(cfg.init_samples, tok.pad_id) if method in ("ga", "one", "da") else None
-        report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log)
-        metrics["init_seconds"] = time.perf_counter() - t0
-        metrics["init_report"] = report
-        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
-        llama.save_lora(model, out_dir / "init_adapter.pt")  # the init alone, reusable and convertible
+        metrics = initialize(cfg, model, method, seed, N, setup, out_dir, log)
         if cfg.init_only:  # hand the initialization to another trainer: no training here
-            llama.atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
-            llama.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-            export(cfg, model, setup, out_dir, log)
+            write_outputs(cfg, model, setup, out_dir, config, metrics, log)
             log(f"init {method}: {metrics['init_seconds']:.1f}s; written to {out_dir / 'init_adapter.pt'}")
             return metrics
-        # step 0: after the initialization, before any update (LoRA-DA and LoRA-One already moved the model)
-        metrics["step0"] = evaluate_all()
-        log(f"init {method}: {metrics['init_seconds']:.1f}s; step 0: accuracy {accuracy(metrics['step0'])}, "
-            f"loss {metrics['step0']['loss']:.4f}")
-        metrics["train_seconds"], metrics["train_tokens"] = 0.0, 0
+    checkpoint = lambda: save_checkpoint(ckpt_file, {
+        "step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(), "metrics": metrics, "history": history, "config": config})
 
-    # the training loop's state: this sitting's clock and token count, on top of the earlier sittings'
-    warmup_steps, per_step, perms = int(cfg.warmup * cfg.steps), cfg.batch_size * cfg.grad_accum, {}
-    base_seconds, base_tokens = metrics["train_seconds"], metrics["train_tokens"]
-    t_train, t_done, tokens_seen, first_step = time.perf_counter(), None, 0, step
-
-    def add_totals():  # this sitting's time and tokens on top of the earlier sittings'
-        metrics["train_seconds"] = base_seconds + (t_done or time.perf_counter()) - t_train
-        metrics["train_tokens"] = base_tokens + tokens_seen
-        metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
-
-    def save_checkpoint():
-        if not all(torch.isfinite(p).all() for p in params):  # never overwrite a good checkpoint with a broken one
-            raise UsageError(f"LoRA weights became non-finite by step {step}; lower --lr (now {cfg.lr:g})"
-                             + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
-        add_totals()
-        # the new checkpoint is written whole first, then the latest becomes ckpt.prev.pt: a good one always exists
-        tmp = ckpt_file.with_name("ckpt.pt.tmp")
-        torch.save({"step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(), "metrics": metrics, "history": history, "config": config}, tmp)
-        if ckpt_file.is_file():
-            os.replace(ckpt_file, ckpt_file.with_name("ckpt.prev.pt"))
-        os.replace(tmp, ckpt_file)
-        crash_for_tests(step)
-
-    # the training loop: AdamW on the LoRA factors, one (accumulated) batch per step
+    # the loop: AdamW on the LoRA factors; step k always sees the same batch of the seeded data order
+    warmup_steps, per_step, perms, first_step = int(cfg.warmup * cfg.steps), cfg.batch_size * cfg.grad_accum, {}, step
+    clock = Clock(metrics)
     model.train()
-    t_train = time.perf_counter()
     while step < cfg.steps:
         lr = get_lr(step, cfg.lr, cfg.steps, warmup_steps)
         for group in optimizer.param_groups:
@@ -734,9 +796,8 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):  # the loss of a step: the mean over its per_step sequences
             idx = batch_indices(step * per_step + micro * cfg.batch_size, cfg.batch_size, seed, N, perms)
-            loss, tokens = backward_on_batch(model, task, idx, tok, device, cfg.length_groups, 1 / per_step)
-            loss_sum += loss
-            tokens_seen += tokens
+            loss, tokens = backward_on_batch(model, task, idx, setup.tok, setup.device, cfg.length_groups, 1 / per_step)
+            loss_sum, clock.tokens = loss_sum + loss, clock.tokens + tokens
         if not math.isfinite(loss_sum):
             raise UsageError(f"loss became {loss_sum} at step {step}; lower --lr (now {cfg.lr:g}) or check the data"
                              + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
@@ -747,87 +808,43 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         step += 1
         history["step"].append(step)
         history["loss"].append(loss_sum)
-
         if step % cfg.log_interval == 0 or step == cfg.steps:
-            dt = time.perf_counter() - t_train
+            dt = time.perf_counter() - clock.t0
             eta = dt / max(1, step - first_step) * (cfg.steps - step)  # from this sitting's pace
             log(f"step {step:5d}/{cfg.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | "
-                f"{tokens_seen / max(dt, 1e-9):,.0f} tok/s | ETA {eta:.0f}s")
+                f"{clock.tokens / max(dt, 1e-9):,.0f} tok/s | ETA {eta:.0f}s")
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
-            ev = evaluate_all(decode=False, periodic=True)  # loss (and SST-2 accuracy); GSM8K decoding only at the end
+            ev = evaluate_splits(cfg, model, setup, decode=False, periodic=True)  # GSM8K decodes only at the end
             metrics["evals"].append({"step": step, **ev})
             log(f"eval step {step}: accuracy {accuracy(ev)}, loss {ev['loss']:.4f}")
-            save_checkpoint()
+            clock.totals()
+            checkpoint()
 
-    # the final evaluation and the run's totals
-    t_done = time.perf_counter()  # the training loop's clock stops here
-    add_totals()
-    if "final" not in metrics or metrics.get("final_step") != step:
-        metrics["final"] = evaluate_all()
-        metrics["final_step"] = step
-        metrics["evals"].append({"step": step, **metrics["final"]})
-    metrics["truncated"] = dict(task.truncated)
-    if any(task.truncated.values()):
-        log(f"truncated to --max-len {task.max_len} from the left of the prompt: " +
-            ", ".join(f"{n} {split}" for split, n in task.truncated.items() if n) + " examples")
-    total = metrics["init_seconds"] + metrics["train_seconds"]
-    metrics["init_share"] = metrics["init_seconds"] / total if total else 0.0
-    metrics["history"] = history
-    # how far each A moved from its init: the largest principal angle between the row spaces (frozen A: 0)
-    init = llama.torch_load(out_dir / "init_adapter.pt")["lora"]
-    drift = {n: lora_da.principal_angle(init[n]["A"], m.lora_A) for n, m in llama.lora_layers(model).items()}
-    metrics["A_drift_degrees"] = {"mean": sum(drift.values()) / len(drift), "max": max(drift.values()), "layers": drift}
-    save_checkpoint()
-    log(f"final: accuracy {accuracy(metrics['final'])}, loss {metrics['final']['loss']:.4f} "
-        + (f"(zero-shot {accuracy(metrics['zero_shot'])}); " if "zero_shot" in metrics else "; ") + f"init {metrics['init_seconds']:.1f}s = "
-        f"{100 * metrics['init_share']:.1f}% of init+train; total {time.perf_counter() - t_start:.0f}s")
-
-    # outputs: the adapter (with what rebuilds a shifted W0), settings, metrics, the loss curve
-    llama.save_lora(model, out_dir / "adapter.pt")
-    llama.atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
-    llama.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    plot_loss(history, metrics, out_dir / "loss.png", f"{method} (seed {seed}) on {cfg.task}")
-    export(cfg, model, setup, out_dir, log)
+    finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, log)
+    checkpoint()
+    write_outputs(cfg, model, setup, out_dir, config, metrics, log, history)
     return metrics
-
-
-def export(cfg, model, setup, out_dir, log):
-    """The adapter as a PEFT folder (--export-peft) and the merged model (--save-merged, Meta or HF format)."""
-    if cfg.export_peft:
-        llama.save_peft(model, cfg.export_peft, base_model=str(setup.checkpoint))
-        log(f"PEFT adapter written to {cfg.export_peft}")
-    if cfg.save_merged:
-        merged = copy.deepcopy(model)
-        for layer in llama.lora_layers(merged).values():
-            layer.merge()
-        unwrap(merged)
-        save = llama.save_hf_checkpoint if cfg.merged_format == "hf" else llama.save_meta_checkpoint
-        save(merged, out_dir / "merged")
-        log(f"merged model ({cfg.merged_format} format) written to {out_dir / 'merged'}")
-
-
-def crash_for_tests(step):
-    """The resume test's power cut: with LORA_DA_CRASH_AFTER_CHECKPOINT=k, die (SIGKILL) right after
-    the checkpoint of step k is written."""
-    if os.environ.get("LORA_DA_CRASH_AFTER_CHECKPOINT") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def unwrap(model):
-    """Replace each (merged) LoRALinear by its base nn.Linear, so the state dict has Meta's names."""
-    for name, layer in llama.lora_layers(model).items():
-        parent, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, layer.base)
 
 
 # -----------------------------------------------------------------------------
 # plots and the side-by-side table
 
-def plot_loss(history, metrics, path, title):
+def pyplot():
+    """matplotlib without a screen (Agg), imported only when a plot is drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    return plt
+
+
+def save_figure(fig, path: Path):
+    """A figure as a PNG, written atomically, then closed."""
+    checkpoints.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    pyplot().close(fig)
+
+
+def plot_loss(history, metrics, path, title):
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     ax.plot(history["step"], history["loss"], alpha=0.3, label="train loss (per step)")
     ax.plot(history["step"], smooth(history["loss"]), label="train loss (smoothed)")
     ev = metrics["evals"]
@@ -836,10 +853,7 @@ def plot_loss(history, metrics, path, title):
     ax.set(title=title, xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def smooth(xs, k=25):
@@ -872,12 +886,9 @@ def compare(results, out_dir: Path, cfg):
     text = (f"# {cfg.task}: {', '.join(results)} on {cfg.checkpoint or 'stories260K'}, {seeds} seed(s)\n\n"
             f"mean ± std over seeds; {cfg.steps} steps × {cfg.batch_size * cfg.grad_accum} sequences, lr {cfg.lr:g}, "
             f"r={cfg.rank}, alpha={cfg.lora_alpha:g}{' (rsLoRA)' if cfg.rslora else ''}\n\n" + "\n".join(rows) + "\n")
-    llama.atomic_write_text(out_dir / "compare.md", text)
+    checkpoints.atomic_write_text(out_dir / "compare.md", text)
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     for method, runs in results.items():
         n = min(len(m["history"]["loss"]) for m in runs)
         mean = [sum(m["history"]["loss"][i] for m in runs) / len(runs) for i in range(n)]
@@ -893,10 +904,7 @@ def compare(results, out_dir: Path, cfg):
     a2.set(title=f"final {cfg.task} accuracy", xlabel="initialization", ylabel="accuracy (%)")
     a2.legend()
     fig.tight_layout()
-    tmp = out_dir / "compare.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_dir / "compare.png")
+    save_figure(fig, out_dir / "compare.png")
     return text
 
 
@@ -906,12 +914,11 @@ def main(argv=None):
     cfg = get_args(argv)
     try:
         if cfg.dry_run:
-            device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
             if cfg.checkpoint in llama.PRESETS or cfg.checkpoint is None:
                 args = llama.PRESETS[cfg.checkpoint or "stories260K"]
             else:
-                args = llama.read_args(cfg.checkpoint)
-            dry_run(cfg, args, device)
+                args = checkpoints.read_args(cfg.checkpoint)
+            dry_run(cfg, args, "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
             return
         out = Path(cfg.out_dir)
         multi = len(cfg.methods) > 1 or cfg.seeds > 1
@@ -924,7 +931,7 @@ def main(argv=None):
                 results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup))
         if multi:
             print(compare(results, out, cfg))
-    except (ValueError, FileNotFoundError, OSError) as e:  # UsageError and llama.CheckpointError are ValueErrors
+    except (ValueError, FileNotFoundError, OSError) as e:  # UsageError and checkpoints.CheckpointError are ValueErrors
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
 

@@ -26,8 +26,9 @@ def data():
 
 @pytest.fixture(scope="session")
 def stories(data):
+    import checkpoints
     import llama
-    return llama.load_checkpoint(data / "stories260K" / "stories260K.bin")
+    return checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin")
 
 
 @pytest.fixture(scope="session")

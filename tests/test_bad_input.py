@@ -59,9 +59,8 @@ def bad(tmp_path_factory, data):
     return d
 
 
-def cli(script, *args, env=None):
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+def cli(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
 
 
 STORIES = "stories260K/stories260K.bin"
@@ -73,7 +72,7 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("beta nan", "train.py", ["--beta", "nan"], "--beta must be a finite number, got nan"),
     ("damping nan", "train.py", ["--damping", "nan"], "--damping must be a finite number"),
     ("alpha inf", "train.py", ["--alpha", "inf"], "--alpha must be a finite number"),
-    ("N negative", "train.py", ["--N", "-5"], "--N must be >= 0"),
+    ("N negative", "train.py", ["--N", "-5"], "--N must be an integer >= 0, got -5"),
     ("duplicate init", "train.py", ["--init", "lora,lora"], "names a method twice"),
     ("lr 0", "train.py", ["--lr", "0"], "--lr must be positive"),
     ("lr negative", "train.py", ["--lr", "-1"], "--lr must be positive"),
@@ -137,7 +136,7 @@ def test_resume_from_a_corrupt_latest_checkpoint_uses_the_previous_one(tmp_path,
     out = tmp_path / "run"
     whole = cli("train.py", *RESUME, "--out-dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
-    cut = cli("train.py", *RESUME, "--out-dir", str(out), env={"LORA_DA_CRASH_AFTER_CHECKPOINT": "6"})
+    cut = cli("tests/killed_run.py", "6", *RESUME, "--out-dir", str(out))
     assert cut.returncode != 0
     assert torch.load(out / "ckpt.prev.pt", weights_only=True)["step"] == 3
     (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:1000])   # the latest is damaged
@@ -154,7 +153,7 @@ def test_resume_from_a_corrupt_latest_checkpoint_uses_the_previous_one(tmp_path,
 
 def test_resume_refuses_changed_results_settings_and_fails_in_one_line_without_a_good_checkpoint(tmp_path, data):
     out = tmp_path / "run"
-    cut = cli("train.py", *RESUME, "--out-dir", str(out), env={"LORA_DA_CRASH_AFTER_CHECKPOINT": "3"})
+    cut = cli("tests/killed_run.py", "3", *RESUME, "--out-dir", str(out))
     assert cut.returncode != 0 and not (out / "ckpt.prev.pt").exists()
     r = cli("train.py", *RESUME, "--out-dir", str(out), "--resume", "--lr", "1e-3")
     assert r.returncode != 0 and "written with other settings (lr)" in r.stderr and "Traceback" not in r.stderr

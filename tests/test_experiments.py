@@ -1,11 +1,16 @@
-"""experiments.py: the protocol's machinery on a tiny grid (seconds): runs become JSONs, a rerun skips them,
+"""studies/experiments.py: the protocol's machinery on a tiny grid (seconds): runs become JSONs, a rerun skips them,
 selection never reads the test set, and the tables hold the right means, intervals and paired differences."""
 import math
 
 import pytest
 
-import experiments as E
 import train
+from studies import experiments as E
+
+# the suite's own study: two methods, two rates, one selection seed, two report seeds; seconds per run
+TINY = E.Study("sst2", E.plain(("lora", "da")), (1e-3, 3e-3), (101,), (1, 2),
+               ("--task", "sst2", "--steps", "4", "--batch-size", "4", "--init-samples", "8", "--eval-interval", "2",
+                "--val-size", "16", "--eval-limit", "16", "--train-limit", "300", "--stats-batch-size", "4"))
 
 
 def test_t_quantiles_match_the_tables():
@@ -43,7 +48,7 @@ def test_the_runner_writes_skips_and_aggregates_and_selection_never_reads_the_te
     reader, files = train.TASK_FILES["sst2"]
     monkeypatch.setitem(train.TASK_FILES, "sst2", (lambda path: read.append(path.name) or reader(path), files))
     monkeypatch.setattr(E, "_SETUPS", {})
-    study = E.STUDIES["tiny"]
+    study = TINY
     sel = [(E.run_name(m, lr, s, "select"), E.run_args(study, m, lr, s, "select"), tmp_path)
            for m, lr, s in E.grid(study, "select")]
     E.run_all(sel, tmp_path, 1, "selection")
@@ -95,7 +100,7 @@ def test_cells_train_at_their_rate_groups_rate():
     assert "--no-test-eval" in sel and sel[sel.index("--train-size") + 1] == "64" and "--beta" not in sel
     # the grids cover every cell with at least 5 report seeds, and LoRA-GA never at a rank it cannot take
     for name, s in E.STUDIES.items():
-        if s.cells and name not in ("tiny", "convergence", "gsm8k"):
+        if s.cells and name not in ("convergence", "gsm8k"):
             assert len(s.seeds) >= 5 and not set(s.seeds) & set(s.select_seeds)
             assert all(a in {c.name for c in s.cells} and b in {c.name for c in s.cells} for a, b in s.pairs)
     assert "ga-r32" not in {c.name for c in E.STUDIES["rank"].cells}
@@ -114,7 +119,7 @@ def test_a_run_another_study_already_made_is_copied_not_rerun(tmp_path, monkeypa
     # setup: the tiny study's selection runs finished in one results folder
     monkeypatch.setenv("LORA_DA_DATA", str(data))
     monkeypatch.setattr(E, "_SETUPS", {})
-    study = E.STUDIES["tiny"]
+    study = TINY
     first = tmp_path / "results" / "first"
     jobs = [(E.run_name(m, lr, s, "select"), E.run_args(study, m, lr, s, "select"), first)
             for m, lr, s in E.grid(study, "select")][:2]

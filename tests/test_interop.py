@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import llama
 import lora_da as L
 import train
@@ -64,14 +65,14 @@ def read_tensors(folder):
 
 def test_lora_da_adapter_round_trips_through_the_peft_format(stories, tmp_path):
     model = trained(stories, "da")
-    llama.save_peft(model, tmp_path / "peft", base_model="stories260K")
+    checkpoints.save_peft(model, tmp_path / "peft", base_model="stories260K")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert {k: cfg[k] for k in PEFT_CONFIG_KEYS} == PEFT_CONFIG_KEYS
     assert cfg["r"] == 4 and cfg["lora_alpha"] == pytest.approx(8.0) and cfg["base_model_name_or_path"] == "stories260K"
     sd = read_tensors(tmp_path / "peft")
     assert {k: tuple(v.shape) for k, v in sd.items()} == peft_fixture(4)
     back = copy.deepcopy(stories)
-    llama.load_lora(back, tmp_path / "peft")
+    checkpoints.load_lora(back, tmp_path / "peft")
     diff = (logits(back) - logits(model)).abs().max().item()
     print(f"\nLoRA-DA PEFT round trip: max logit difference {diff:.2e}")
     assert diff == 0.0  # the same numbers, written and read back: identical
@@ -81,20 +82,20 @@ def test_q_and_k_rows_are_permuted_as_hugging_face_stores_them(stories):
     # W_hf = hf_permute(W_meta), so B_hf must be hf_permute(B_meta) for s·B_hf A = hf_permute(s·B A)
     model = trained(stories, "da", steps=1)
     m = llama.lora_layers(model)["layers.2.attention.wk"]
-    B_hf = llama.hf_permute(m.lora_B.detach(), 4)
-    torch.testing.assert_close(B_hf @ m.lora_A.detach(), llama.hf_permute(m.lora_B.detach() @ m.lora_A.detach(), 4))
+    B_hf = checkpoints.hf_permute(m.lora_B.detach(), 4)
+    torch.testing.assert_close(B_hf @ m.lora_A.detach(), checkpoints.hf_permute(m.lora_B.detach() @ m.lora_A.detach(), 4))
     assert not torch.equal(B_hf, m.lora_B.detach())
-    torch.testing.assert_close(llama.hf_unpermute(B_hf, 4), m.lora_B.detach())
+    torch.testing.assert_close(checkpoints.hf_unpermute(B_hf, 4), m.lora_B.detach())
 
 
 def test_pissa_exports_at_rank_2r_onto_the_original_weights(stories, tmp_path):
     model = trained(stories, "pissa")
-    llama.save_peft(model, tmp_path / "peft")
+    checkpoints.save_peft(model, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and "rank 8 = 2 x 4" in (tmp_path / "peft" / "README.md").read_text()
     assert {k: tuple(v.shape) for k, v in read_tensors(tmp_path / "peft").items()} == peft_fixture(8)
     back = copy.deepcopy(stories)  # the ORIGINAL W0: no shift anywhere
-    layers = llama.load_lora(back, tmp_path / "peft")
+    layers = checkpoints.load_lora(back, tmp_path / "peft")
     assert all(m.W0_shift is None for m in layers.values())
     diff = (logits(back) - logits(model)).abs().max().item()
     print(f"\nPiSSA rank-2r PEFT round trip: max logit difference {diff:.2e}")
@@ -106,7 +107,7 @@ def test_hf_merged_model_loads_back_equal_to_the_meta_merged_model(stories, tmp_
             "--init-samples", "4", "--stats-batch-size", "4", "--init", "ga", "--save-merged"]
     train.main(base + ["--out-dir", str(tmp_path / "meta")])
     train.main(base + ["--out-dir", str(tmp_path / "hf"), "--merged-format", "hf"])
-    meta, hf = llama.load_checkpoint(tmp_path / "meta" / "merged"), llama.load_checkpoint(tmp_path / "hf" / "merged")
+    meta, hf = checkpoints.load_checkpoint(tmp_path / "meta" / "merged"), checkpoints.load_checkpoint(tmp_path / "hf" / "merged")
     cfg = json.loads((tmp_path / "hf" / "merged" / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] == 4 and cfg["intermediate_size"] == 172
     torch.testing.assert_close(logits(hf), logits(meta), rtol=0, atol=1e-6)
@@ -124,10 +125,10 @@ def test_init_only_writes_a_peft_adapter_from_the_users_own_samples(tmp_path, da
     train.main(["--data-dir", str(data), "--init", "da", "--init-only", "--init-data", str(path),
                 "--export-peft", str(tmp_path / "peft"), "--out-dir", str(out), "--stats-batch-size", "2"])
     assert (out / "init_adapter.pt").is_file() and not (out / "ckpt.pt").exists()   # no training happened
-    model = llama.load_checkpoint(data / "stories260K" / "stories260K.bin")
-    llama.load_lora(model, tmp_path / "peft")
-    ref = llama.load_checkpoint(data / "stories260K" / "stories260K.bin")
-    llama.load_lora(ref, out / "init_adapter.pt")
+    model = checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin")
+    checkpoints.load_lora(model, tmp_path / "peft")
+    ref = checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin")
+    checkpoints.load_lora(ref, out / "init_adapter.pt")
     assert (logits(model) - logits(ref)).abs().max().item() == 0.0
     assert json.loads((out / "config.json").read_text())["N"] == (3 if kind == "text" else 2)
 
@@ -136,9 +137,9 @@ def test_peft_itself_loads_the_export_when_it_is_installed(stories, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     model = trained(stories, "da")
-    llama.save_peft(model, tmp_path / "peft")
+    checkpoints.save_peft(model, tmp_path / "peft")
     merged_base = copy.deepcopy(stories)
-    llama.save_hf_checkpoint(merged_base, tmp_path / "hf")
+    checkpoints.save_hf_checkpoint(merged_base, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "peft")
     with torch.no_grad():

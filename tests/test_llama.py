@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import llama
 from conftest import ROOT
 
@@ -72,14 +73,14 @@ def test_cached_incremental_decoding_equals_full_forward(stories):
 
 def test_meta_two_shard_checkpoint_loads_back_with_identical_logits(tmp_path):
     model = tiny_model()
-    llama.save_meta_checkpoint(model, tmp_path / "meta", n_shards=2)
+    checkpoints.save_meta_checkpoint(model, tmp_path / "meta", n_shards=2)
     assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["consolidated.00.pth", "consolidated.01.pth",
                                                                     "params.json"]
     # each shard holds half of a column-parallel weight
     shard = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert shard["layers.0.attention.wq.weight"].shape == (16, 32)
     assert shard["layers.0.attention.wo.weight"].shape == (32, 16)
-    loaded = llama.load_checkpoint(tmp_path / "meta")
+    loaded = checkpoints.load_checkpoint(tmp_path / "meta")
     tokens = torch.randint(0, 64, (2, 12))
     assert torch.equal(loaded(tokens), model(tokens))
 
@@ -98,7 +99,7 @@ def save_hf(model, folder, use_safetensors=False):
            "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len,
            "tie_word_embeddings": False}
     (folder / "config.json").write_text(json.dumps(cfg))
-    inv = {v: k for k, v in llama._HF_NAMES.items()}
+    inv = {v: k for k, v in checkpoints._HF_NAMES.items()}
     sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
           "lm_head.weight": model.output.weight}
     for k, v in model.state_dict().items():
@@ -121,7 +122,7 @@ def save_hf(model, folder, use_safetensors=False):
 def test_hugging_face_layout_loads_back_with_identical_logits(tmp_path):
     model = tiny_model(seed=1)
     save_hf(model, tmp_path / "hf")
-    loaded = llama.load_checkpoint(tmp_path / "hf")
+    loaded = checkpoints.load_checkpoint(tmp_path / "hf")
     tokens = torch.randint(0, 64, (2, 12))
     assert torch.equal(loaded(tokens), model(tokens))
 
@@ -131,7 +132,7 @@ def test_hugging_face_safetensors_load_when_installed(tmp_path):
     model = tiny_model(seed=2)
     save_hf(model, tmp_path / "hf", use_safetensors=True)
     tokens = torch.randint(0, 64, (1, 8))
-    assert torch.equal(llama.load_checkpoint(tmp_path / "hf")(tokens), model(tokens))
+    assert torch.equal(checkpoints.load_checkpoint(tmp_path / "hf")(tokens), model(tokens))
 
 
 def test_llama2_7b_preset_has_its_parameter_count_and_allocates_nothing():
@@ -156,19 +157,19 @@ def test_truncated_llama2c_file_names_the_file_and_byte_counts(data, tmp_path):
     bad = tmp_path / "cut.bin"
     bad.write_bytes(blob[:-100])
     with pytest.raises(ValueError, match=r"cut.bin: \d+ bytes, expected \d+"):
-        llama.load_checkpoint(bad)
+        checkpoints.load_checkpoint(bad)
 
 
 def test_missing_checkpoint_and_mismatched_shapes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not found"):
-        llama.load_checkpoint(tmp_path / "nope")
+        checkpoints.load_checkpoint(tmp_path / "nope")
     model = tiny_model()
-    llama.save_meta_checkpoint(model, tmp_path / "meta")
+    checkpoints.save_meta_checkpoint(model, tmp_path / "meta")
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
     params["dim"] = 48  # the weights no longer fit the config
     (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
     with pytest.raises(ValueError, match=r"has shape \(\d+, \d+\), expected \(\d+, \d+\)"):
-        llama.load_checkpoint(tmp_path / "meta")
+        checkpoints.load_checkpoint(tmp_path / "meta")
 
 
 def test_impossible_ranks_and_unknown_targets_are_refused():
@@ -250,8 +251,8 @@ def test_adapter_save_load_rebuilds_the_same_model_including_a_W0_shift(tmp_path
     for i, m in enumerate(layers.values()):
         m.init_(torch.randn_like(m.lora_A), torch.randn_like(m.lora_B), shift_W0=(i == 0))
         torch.nn.init.normal_(m.lora_B)  # "training" moved B after the init
-    llama.save_lora(model, tmp_path / "adapter.pt")
-    llama.load_lora(base, tmp_path / "adapter.pt")
+    checkpoints.save_lora(model, tmp_path / "adapter.pt")
+    checkpoints.load_lora(base, tmp_path / "adapter.pt")
     tokens = torch.randint(0, 64, (2, 10))
     torch.testing.assert_close(base(tokens), model(tokens), rtol=1e-5, atol=1e-5)
     state = torch.load(tmp_path / "adapter.pt", weights_only=True)

@@ -236,10 +236,11 @@ def test_initialize_da_writes_every_layer_and_reports_each_stage(stories):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(r=0), r"rank r must be an integer in \[1, d_in=20\]"),
     (dict(r=21), r"rank r must be an integer in \[1, d_in=20\]"),
-    (dict(alpha=-1.0), "need alpha >= 0 and beta >= 0"),
-    (dict(beta=-0.1), "need alpha >= 0 and beta >= 0"),
+    (dict(alpha=-1.0), "alpha must be >= 0, got -1.0"),
+    (dict(beta=-0.1), "beta must be >= 0, got -0.1"),
     (dict(alpha=0.0, beta=0.0), "not both zero"),
-    (dict(N=0), "N must be an integer >= 1"),
+    (dict(N=-1), "N must be an integer >= 0"),
+    (dict(N=0), "N must be an integer >= 1 in the solve"),
     (dict(damping=0.0), "damping must be > 0"),
 ])
 def test_impossible_settings_are_refused(kwargs, message):

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import llama
 import train
 from conftest import ROOT
@@ -16,8 +17,13 @@ TINY = ["--steps", "4", "--batch-size", "4", "--init-samples", "8", "--eval-limi
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def killed_run(step, *args):
+    """train.py ARGS, killed (SIGKILL) right after the checkpoint of `step` is written."""
+    return subprocess.run([sys.executable, "tests/killed_run.py", str(step), *args], cwd=ROOT, capture_output=True,
+                          text=True)
 
 
 @pytest.mark.parametrize("task", ["sst2", "gsm8k"])
@@ -53,7 +59,7 @@ def test_a_run_killed_midway_and_resumed_ends_with_the_same_metrics(tmp_path, da
             "--eval-limit", "32", "--eval-interval", "4", "--log-interval", "4"]
     whole = run_cli(*args, "--out-dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
-    killed = run_cli(*args, "--out-dir", str(tmp_path / "cut"), env={"LORA_DA_CRASH_AFTER_CHECKPOINT": "4"})
+    killed = killed_run(4, *args, "--out-dir", str(tmp_path / "cut"))
     assert killed.returncode != 0 and not (tmp_path / "cut" / "metrics.json").exists()
     assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 4  # the last checkpoint
     resumed = run_cli(*args, "--out-dir", str(tmp_path / "cut"), "--resume")
@@ -69,9 +75,9 @@ def test_a_run_killed_midway_and_resumed_ends_with_the_same_metrics(tmp_path, da
 
 def test_save_merged_writes_a_meta_checkpoint_equal_to_base_plus_adapter(tmp_path, data, stories):
     train.main(["--init", "pissa", "--out-dir", str(tmp_path), "--data-dir", str(data), "--save-merged"] + TINY)
-    merged = llama.load_checkpoint(tmp_path / "merged")
-    model = llama.load_checkpoint(data / "stories260K" / "stories260K.bin")
-    llama.load_lora(model, tmp_path / "adapter.pt")
+    merged = checkpoints.load_checkpoint(tmp_path / "merged")
+    model = checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin")
+    checkpoints.load_lora(model, tmp_path / "adapter.pt")
     tokens = torch.randint(3, 512, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens), model(tokens), rtol=1e-4, atol=1e-4)

@@ -2,19 +2,19 @@
 Experiments as evidence: each method at its own learning rate, chosen on a validation split carved from the
 training set, then trained with several seeds and compared on the test set with 95% confidence intervals.
 
-    python experiments.py baselines              # lora, gaussian, pissa, ga, one, da on SST-2
-    python experiments.py convergence            # the same runs, read as curves: no new runs
-    python experiments.py gsm8k                  # the protocol on GSM8K (test loss on the answers)
-    python experiments.py samples                # the open questions (README, Findings): init samples |S|,
-    python experiments.py scarcity               #   training-set size N and the variance term,
-    python experiments.py ablation               #   bias/variance/normalization/γ ablation,
-    python experiments.py rank                   #   rank r,
-    python experiments.py frozen-a               #   LoRA-FA against standard LoRA, and how far A moves,
-    python experiments.py distance               #   tasks at increasing distance from pretraining
-    python experiments.py baselines --jobs 2     # J processes of one thread each (the default: 2)
-    python experiments.py baselines --list       # the grid, and which runs are already done
+    python studies/experiments.py baselines              # lora, gaussian, pissa, ga, one, da on SST-2
+    python studies/experiments.py convergence            # the same runs, read as curves: no new runs
+    python studies/experiments.py gsm8k                  # the protocol on GSM8K (test loss on the answers)
+    python studies/experiments.py samples                # the open questions (README, Findings): init samples |S|,
+    python studies/experiments.py scarcity               #   training-set size N and the variance term,
+    python studies/experiments.py ablation               #   bias/variance/normalization/γ ablation,
+    python studies/experiments.py rank                   #   rank r,
+    python studies/experiments.py frozen-a               #   LoRA-FA against standard LoRA, and how far A moves,
+    python studies/experiments.py distance               #   tasks at increasing distance from pretraining
+    python studies/experiments.py baselines --jobs 2     # J processes of one thread each (the default: 2)
+    python studies/experiments.py baselines --list       # the grid, and which runs are already done
 
-The protocol (README.md, "Findings"):
+The protocol (FINDINGS.md):
   1. selection: every method × every learning rate of one shared grid, on `select_seeds`, trained on the
      training set minus a 1,000-example validation split and scored on that split only (--no-test-eval:
      the test file is not even read);
@@ -41,7 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent        # studies/: this runner, its results
+ROOT = HERE.parent                            # the core: train.py, lora_da.py, llama.py
+RESULTS = HERE / "results"
+sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
+import train  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,9 +180,6 @@ STUDIES = {
                       question="Does the frozen-A theory transfer to standard LoRA, and how far does A move (open question 4)?"),
     "distance": Study("sst2", (), (), (), (), (), of=("baselines", "gsm8k"),
                       question="Does LoRA-DA's gain shrink as the task moves away from pretraining (open question 1)?"),
-    "tiny": Study("sst2", plain(("lora", "da")), (1e-3, 3e-3), (101,), (1, 2),  # the test suite's study: seconds
-                  ("--task", "sst2", "--steps", "4", "--batch-size", "4", "--init-samples", "8", "--eval-interval", "2",
-                   "--val-size", "16", "--eval-limit", "16", "--train-limit", "300", "--stats-batch-size", "4")),
 }
 
 
@@ -212,8 +214,6 @@ def execute(job):
     name, args, out = job
     import torch
     torch.set_num_threads(1)
-    import llama
-    import train
     cfg = train.get_args(args)
     scratch = out / "scratch" / name
     t0 = time.perf_counter()
@@ -226,7 +226,7 @@ def execute(job):
         except train.UsageError as e:  # a rate too large for a method diverges: a result, not a crash
             record = {"failed": str(e)}
     record.update(name=name, args=args, wall_seconds=time.perf_counter() - t0)
-    llama.atomic_write_text(out / "runs" / f"{name}.json", json.dumps(record))
+    checkpoints.atomic_write_text(out / "runs" / f"{name}.json", json.dumps(record))
     shutil.rmtree(scratch, ignore_errors=True)
     return name, record["wall_seconds"]
 
@@ -236,7 +236,6 @@ _SETUPS = {}
 
 def _setup(cfg, log):
     """The tokenizer, model and data once per worker and data setting (runs only copy the model)."""
-    import train
     key = (cfg.task, cfg.val_size, cfg.test_eval, cfg.train_limit, cfg.train_size, cfg.eval_limit, cfg.max_len,
            cfg.checkpoint, cfg.init_data)
     if key not in _SETUPS:
@@ -247,7 +246,6 @@ def _setup(cfg, log):
 def config_key(args) -> str:
     """What a run computes: its parsed settings (flag order and spelling do not matter). Runs are deterministic,
     so two runs with the same key have the same result."""
-    import train
     return json.dumps(vars(train.get_args(list(args))), sort_keys=True)
 
 
@@ -423,7 +421,7 @@ def aggregate(name, study, out: Path) -> str:
     own = [r for r in runs.values() if "copied_from" not in r]
     lines = [f"# {name}: {study.task}, {' '.join(study.args)}", ""] + ([study.question, ""] if study.question else []) + [
              f"Runs: {len(runs)} JSON files in `runs/` ({len(runs) - len(own)} copied from the study that ran the same "
-             f"settings first; recompute with `python experiments.py {name} --aggregate`). "
+             f"settings first; recompute with `python studies/experiments.py {name} --aggregate`). "
              f"Compute: {sum(r['wall_seconds'] for r in own) / 3600:.2f} CPU-thread hours.", ""]
     # 1. selection
     pct = study.metric == "accuracy"
@@ -493,21 +491,11 @@ def aggregate(name, study, out: Path) -> str:
 
 def write(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def savefig(fig, path: Path):
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    checkpoints.atomic_write_text(path, text)
 
 
 def plot_selection(study, runs, chosen, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = train.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in study.groups:
         xs, ys = [], []
@@ -522,15 +510,12 @@ def plot_selection(study, runs, chosen, path):
            title=f"{study.task}: learning-rate selection on the validation split")
     ax.legend(fontsize=7 if len(study.groups) > 6 else 8)
     fig.tight_layout()
-    savefig(fig, path)
-    plt.close(fig)
+    train.save_figure(fig, path)
 
 
 def plot_axis(study, acc, path):
     """Test accuracy (mean ± 95% CI) against the study's axis (|S|, N, r), one line per series."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = train.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
     for c in study.cells:
@@ -543,15 +528,12 @@ def plot_axis(study, acc, path):
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    savefig(fig, path)
-    plt.close(fig)
+    train.save_figure(fig, path)
 
 
 def plot_cells(study, acc, path):
     """Test accuracy (mean ± 95% CI) per cell, for studies without an axis (ablation, frozen-a)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = train.pyplot()
     names = [c.name for c in study.cells if c.name in acc and len(acc[c.name]) >= 2]
     stats = [mean_ci(list(acc[n].values())) for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 4))
@@ -560,16 +542,13 @@ def plot_cells(study, acc, path):
     ax.title.set_fontsize(9)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
-    savefig(fig, path)
-    plt.close(fig)
+    train.save_figure(fig, path)
 
 
 def convergence(study, runs, out: Path) -> str:
     """Dev accuracy and training loss against steps at each method's chosen rate (the report runs), and the
     steps each needs to come within 1 point of its own final accuracy: the paper's "faster convergence"."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = train.pyplot()
     chosen = select_lrs(study, runs)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
     lines = ["# convergence: the report runs of `baselines`, each method at its chosen rate", "",
@@ -604,8 +583,7 @@ def convergence(study, runs, out: Path) -> str:
     a2.legend(fontsize=8)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
-    savefig(fig, out / "convergence.png")
-    plt.close(fig)
+    train.save_figure(fig, out / "convergence.png")
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
     return text
@@ -620,13 +598,11 @@ def init_only(args, method, out: Path, extra=()):
     """One initialization through train.run --init-only (the code path every run takes); returns its report
     and its LoRA factors {layer: {"A", "B"}}."""
     import tempfile
-    import llama
-    import train
     cfg = train.get_args(list(args) + list(extra) + ["--init", method, "--init-only"])
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
         log = (lambda *a: print(*a, file=quiet))
         metrics = train.run(cfg, method, cfg.seed, Path(tmp) / "init", _setup(cfg, log), log=log)
-        return metrics["init_report"], llama.torch_load(Path(tmp) / "init" / "init_adapter.pt")["lora"]
+        return metrics["init_report"], checkpoints.torch_load(Path(tmp) / "init" / "init_adapter.pt")["lora"]
 
 
 def cached(path: Path, compute):
@@ -669,9 +645,7 @@ def scarcity_extra(study, runs, chosen, out):
     lines = ["## 4. The variance term against the bias term at LoRA-DA's chosen A0: β·variance/(α·bias) over "
              "the 35 layers, median [max]; the variance coefficient is tr(Y⁻¹)/N with N the real training-set size", "",
              "| N | β = 0.03 | β = 1 |", "|---|---|---|"]
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = train.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in study.cells:
         if c.method != "da" or "beta" in c.name:
@@ -687,8 +661,7 @@ def scarcity_extra(study, runs, chosen, out):
     ax.set(xscale="log", yscale="log", xlabel="training sentences N", ylabel="β·variance / bias at β = 1, per layer",
            title="variance/bias per layer (β = 0.03: divide by 33)")
     fig.tight_layout()
-    savefig(fig, out / "ratio.png")
-    plt.close(fig)
+    train.save_figure(fig, out / "ratio.png")
     return lines
 
 
@@ -722,7 +695,6 @@ def generated_stories(path: Path, n=256, max_new=200, seed=0):
     """The pretraining domain at hand: n stories sampled from stories260K itself (temperature 1), one per line.
     The model's own distribution is as near to its pretraining as a task can be."""
     import torch
-    import train
     cfg = train.get_args([])
     setup = _setup(cfg, lambda *a: None)
     gen, lines = torch.Generator().manual_seed(seed), []
@@ -751,7 +723,6 @@ def base_nll(setup, n=256):
 def distance(out: Path) -> str:
     """Open question 1 from the data at hand: per task, how far it sits from pretraining (the base model's loss on
     its text; the estimated shift ‖ΔW‖ against ‖W0‖) and LoRA-DA's gain over LoRA in final test loss."""
-    import train
     tasks = {"stories (sampled from the model)": ("--init-data", str(out / "scratch" / "stories.txt")),
              "SST-2 (movie reviews)": ("--task", "sst2"),
              "GSM8K (word problems)": ("--task", "gsm8k", "--max-len", "320")}
@@ -771,7 +742,7 @@ def distance(out: Path) -> str:
     norms = cached(out / "norms.json", compute)
     gains = {}
     for label, study in (("SST-2 (movie reviews)", "baselines"), ("GSM8K (word problems)", "gsm8k")):
-        st, runs = STUDIES[study], load_runs(ROOT / "results" / study)
+        st, runs = STUDIES[study], load_runs(RESULTS / study)
         chosen = select_lrs(st, runs)
         loss = report_scores(st, runs, chosen, "loss")
         if "da" in loss and "lora" in loss:
@@ -795,9 +766,7 @@ def distance(out: Path) -> str:
                      f"{np.median(rel):.3g} [{min(rel):.3g}, {max(rel):.3g}] | {gain} |")
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = train.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, (label, r) in enumerate(norms.items()):
         ax.scatter([r["nll"]] * len(r["rel_shift"]), r["rel_shift"], s=10, alpha=0.6, label=label, color=f"C{k}")
@@ -805,8 +774,7 @@ def distance(out: Path) -> str:
            title="estimated shift against distance from pretraining")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    savefig(fig, out / "distance.png")
-    plt.close(fig)
+    train.save_figure(fig, out / "distance.png")
     return text
 
 
@@ -824,12 +792,12 @@ def main(argv=None):
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
     study = STUDIES[a.study]
-    out = Path(a.out or ROOT / "results" / a.study)
+    out = Path(a.out or RESULTS / a.study)
     if a.study == "distance":  # reads the baselines and gsm8k runs; its measurements need no training
         print(distance(out))
         return
     if study.of:  # convergence: read the runs of another study, run nothing
-        print(convergence(STUDIES[study.of[0]], load_runs(ROOT / "results" / study.of[0]), out))
+        print(convergence(STUDIES[study.of[0]], load_runs(RESULTS / study.of[0]), out))
         return
     if a.list:
         runs = load_runs(out)
@@ -842,10 +810,9 @@ def main(argv=None):
             print(("done  " if n in runs else "to do ") + n)
         return
     if not a.aggregate:
-        run_study(a.study, study, out, a.jobs, shared=ROOT / "results")
+        run_study(a.study, study, out, a.jobs, shared=RESULTS)
     print(aggregate(a.study, study, out))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -1,8 +1,8 @@
 """
 Where a default run's time goes, before and after the throughput work; prints a table.
 
-    python bench.py                 # 2 threads (the CI machine), about a minute
-    python bench.py --threads 1     # as experiments.py runs each job
+    python studies/bench.py                 # 2 threads (the CI machine), about a minute
+    python studies/bench.py --threads 1     # as studies/experiments.py runs each job
 
 "before" is the straightforward form, kept here as the reference: every micro-batch padded to its
 longest sequence, logits over the whole vocabulary at every position, evaluation in file order.
@@ -11,13 +11,16 @@ reads them, evaluation in length order. Both compute the same numbers (checked b
 """
 import argparse
 import copy
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import llama
-import lora_da
-import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core beside this folder
+import llama  # noqa: E402
+import lora_da  # noqa: E402
+import train  # noqa: E402
 
 
 def timed(fn, repeat):

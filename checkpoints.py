@@ -1,0 +1,509 @@
+"""
+The real checkpoint formats, beside the model as llama2.c keeps export.py beside model.py: llama2.c's
+legacy .bin, Meta's params.json + consolidated.NN.pth, Hugging Face folders, and PEFT adapter folders
+(read and write); this project's own LoRA files; and the atomic file writes every output uses.
+
+    model = checkpoints.load_checkpoint("../shared/data/stories260K/stories260K.bin")
+    checkpoints.save_peft(model_with_lora, "lora_da_init")       # then PeftModel.from_pretrained(...)
+"""
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llama import ModelArgs, PRESETS, Transformer, add_lora, ffn_hidden_dim, lora_layers, lora_state
+
+# -----------------------------------------------------------------------------
+# atomic writes: a temp file beside the target, then one rename; a crash never leaves half a file
+
+
+def atomic_write(path, write, keep_previous=None):
+    """write(tmp) writes the whole file to tmp; then it replaces path (and, with keep_previous, the old
+    path is first renamed to keep_previous, so a good file always exists). A failed write removes tmp."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if keep_previous is not None and path.is_file():
+        os.replace(path, keep_previous)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_save(obj, path, keep_previous=None):
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), keep_previous)
+
+
+def atomic_write_text(path, text: str):
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: llama2.c legacy .bin, Meta's consolidated.NN.pth, Hugging Face
+
+class CheckpointError(ValueError):
+    pass
+
+
+def check_args(args: ModelArgs, source="model"):
+    """The shapes the architecture needs, as one-line errors instead of a bare assert deep inside."""
+    n_kv = args.n_kv_heads or args.n_heads
+    for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+        if not isinstance(getattr(args, name), int) or getattr(args, name) < 1:
+            raise CheckpointError(f"{source}: {name} must be a positive integer, got {getattr(args, name)}")
+    if args.dim % args.n_heads:
+        raise CheckpointError(f"{source}: dim {args.dim} is not divisible by n_heads {args.n_heads}")
+    if n_kv < 1 or args.n_heads % n_kv:
+        raise CheckpointError(f"{source}: n_heads {args.n_heads} is not a multiple of n_kv_heads {n_kv}")
+    if (args.dim // args.n_heads) % 2:
+        raise CheckpointError(f"{source}: head size {args.dim // args.n_heads} must be even for rotary embeddings")
+
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """Detect the format at `path` and return a ready Transformer in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (expected a llama2.c .bin file, a Meta folder "
+                              f"with params.json, or a Hugging Face folder with config.json)")
+    if path.is_dir():
+        if (path / "params.json").exists():
+            args, sd = _read_meta(path)
+        elif (path / "config.json").exists():
+            args, sd = _read_hf(path)
+        else:
+            raise CheckpointError(f"{path}: folder has neither params.json (Meta) nor config.json (Hugging Face)")
+    else:
+        args, sd = _read_llama2c(path)
+    return _build(args, sd, device, dtype, source=path)
+
+
+def read_args(path) -> ModelArgs:
+    """The model's shape from a checkpoint's config or header alone, no weights read (for dry runs)."""
+    path = Path(path)
+    if (path / "params.json").is_file():
+        return meta_args(read_json(path / "params.json"), path / "params.json")
+    if (path / "config.json").is_file():
+        return hf_args(read_json(path / "config.json"), path / "config.json")
+    if path.is_file():
+        return _read_llama2c(path)[0]
+    raise CheckpointError(f"checkpoint not found: {path} (expected a llama2.c .bin file, a Meta folder with "
+                          f"params.json, a Hugging Face folder with config.json, or a preset: {', '.join(PRESETS)})")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        out = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})")
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+def meta_args(p: dict, source, vocab_size: Optional[int] = None, tied: bool = False) -> ModelArgs:
+    """ModelArgs from Meta's params.json: the one place it is parsed. Meta writes vocab_size -1 (the
+    tokenizer decides): then vocab_size (read off the embedding), else LLaMA-2's 32000."""
+    try:
+        vocab = p.get("vocab_size", -1)
+        return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
+                         vocab_size=vocab if vocab and vocab > 0 else (vocab_size or 32000),
+                         hidden_dim=p.get("hidden_dim"), multiple_of=p.get("multiple_of", 256),
+                         ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p.get("norm_eps", 1e-5),
+                         rope_theta=p.get("rope_theta", 10000.0), max_seq_len=p.get("max_seq_len", 4096),
+                         tie_embeddings=tied)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing key {e}")
+
+
+def hf_args(c: dict, source, has_output: bool = True) -> ModelArgs:
+    """ModelArgs from a Hugging Face config.json: the one place it is parsed."""
+    try:
+        return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                         n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+                         vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
+                         norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=c.get("rope_theta", 10000.0),
+                         max_seq_len=c.get("max_position_embeddings", 4096),
+                         tie_embeddings=c.get("tie_word_embeddings", False) or not has_output)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing key {e}")
+
+
+def _build(args: ModelArgs, sd: dict, device, dtype, source) -> Transformer:
+    check_args(args, source)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        sd.pop("output.weight", None)
+        expected.pop("output.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(shape)}")
+    check_finite(sd, source)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)  # assign: no second copy of a 7B model
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model._init_rope(device=device)
+    return model.eval()
+
+
+def _read_llama2c(path: Path):
+    """llama2.c's legacy (version 0) export: 7 int32 header, then fp32 arrays in a fixed order."""
+    nbytes = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(28)
+        if len(header) < 28:
+            raise CheckpointError(f"{path}: {nbytes} bytes, too short for a llama2.c header (28 bytes)")
+        dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = struct.unpack("7i", header)
+        if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, seq_len) <= 0 or dim % n_heads:
+            hdr = (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len)
+            raise CheckpointError(f"{path}: not a llama2.c legacy .bin (header {hdr})")
+        shared = vocab_size > 0  # a negative vocab_size means an untied output layer at the end
+        V, D, H, L = abs(vocab_size), dim, hidden_dim, n_layers
+        hd = D // n_heads
+        kv = n_kv_heads * hd
+        shapes = [("tok_embeddings.weight", (V, D)), ("attention_norm", (L, D)), ("wq", (L, D, D)),
+                  ("wk", (L, kv, D)), ("wv", (L, kv, D)), ("wo", (L, D, D)), ("ffn_norm", (L, D)),
+                  ("w1", (L, H, D)), ("w2", (L, D, H)), ("w3", (L, H, D)), ("norm.weight", (D,)),
+                  ("freqs_cos", (seq_len, hd // 2)), ("freqs_sin", (seq_len, hd // 2))]
+        if not shared:
+            shapes.append(("output.weight", (V, D)))
+        expected = 28 + 4 * sum(math.prod(s) for _, s in shapes)
+        if nbytes != expected:
+            raise CheckpointError(f"{path}: {nbytes} bytes, expected {expected} for header "
+                                  f"(dim={D}, hidden={H}, layers={L}, heads={n_heads}, kv_heads={n_kv_heads}, "
+                                  f"vocab={vocab_size}, seq_len={seq_len}); truncated or not a llama2.c export?")
+        arrays = {}
+        for name, shape in shapes:
+            buf = f.read(4 * math.prod(shape))
+            arrays[name] = torch.frombuffer(bytearray(buf), dtype=torch.float32).view(shape)
+    sd = {"tok_embeddings.weight": arrays["tok_embeddings.weight"], "norm.weight": arrays["norm.weight"]}
+    where = {"attention_norm": "attention_norm.weight", "ffn_norm": "ffn_norm.weight",
+             "wq": "attention.wq.weight", "wk": "attention.wk.weight", "wv": "attention.wv.weight",
+             "wo": "attention.wo.weight", "w1": "feed_forward.w1.weight", "w2": "feed_forward.w2.weight",
+             "w3": "feed_forward.w3.weight"}
+    for short, full in where.items():
+        for i in range(L):
+            sd[f"layers.{i}.{full}"] = arrays[short][i]
+    if not shared:
+        sd["output.weight"] = arrays["output.weight"]
+    args = ModelArgs(dim=D, n_layers=L, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=V, hidden_dim=H,
+                     max_seq_len=seq_len, tie_embeddings=shared)
+    return args, sd
+
+
+# Meta's model parallelism splits each weight along one dimension; merging shards undoes it.
+# ColumnParallelLinear (wq wk wv w1 w3 output): dim 0; RowParallelLinear (wo w2) and
+# ParallelEmbedding: dim 1; norms are replicated.
+def _meta_shard_dim(name: str) -> Optional[int]:
+    if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")):
+        return 0
+    if name.endswith(("wo.weight", "w2.weight", "tok_embeddings.weight")):
+        return 1
+    return None
+
+
+def torch_load(path: Path):
+    """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # an unpickler refusal, a truncated zip, random bytes
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint, or a damaged one ({first})")
+
+
+def check_finite(sd: dict, source):
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{source}: weight {k} has NaN or inf entries")
+
+
+def _read_meta(path: Path):
+    params = read_json(path / "params.json")
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{path}: params.json found but no consolidated.NN.pth shards")
+    states = [torch_load(s) for s in shards]
+    sd = {}
+    for name in states[0]:
+        if name == "rope.freqs":  # Meta's 7B carries its RoPE table; we recompute it
+            continue
+        parts = [s[name] for s in states]
+        d = _meta_shard_dim(name)
+        sd[name] = parts[0] if d is None or len(parts) == 1 else torch.cat(parts, dim=d)
+    if "tok_embeddings.weight" not in sd:
+        raise CheckpointError(f"{path}: no tok_embeddings.weight in {shards[0].name}")
+    args = meta_args(params, path / "params.json", vocab_size=sd["tok_embeddings.weight"].shape[0],
+                     tied="output.weight" not in sd)
+    return args, sd
+
+
+def save_meta_checkpoint(model: Transformer, folder, n_shards: int = 1):
+    """Write params.json and consolidated.NN.pth, split as Meta's model parallelism would."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    a = model.args
+    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+              "vocab_size": a.vocab_size, "hidden_dim": ffn_hidden_dim(a), "multiple_of": a.multiple_of,
+              "ffn_dim_multiplier": a.ffn_dim_multiplier, "norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+              "max_seq_len": a.max_seq_len}
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if a.tie_embeddings:
+        sd.pop("output.weight", None)
+    for i in range(n_shards):
+        shard = {}
+        for k, v in sd.items():
+            d = _meta_shard_dim(k)
+            shard[k] = v.clone() if d is None else v.chunk(n_shards, dim=d)[i].clone()
+        atomic_save(shard, folder / f"consolidated.{i:02d}.pth")
+    atomic_write_text(folder / "params.json", json.dumps(params, indent=2))
+
+
+def hf_unpermute(w, n_heads: int):
+    """Undo Hugging Face's q/k permutation: HF rotates half-split pairs (i, i + hd/2), Meta rotates
+    interleaved pairs (2i, 2i+1); the convert script reorders each head's rows to match."""
+    d1, d2 = w.shape
+    return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def hf_permute(w, n_heads: int):
+    """Meta's row order -> Hugging Face's (the inverse of hf_unpermute), for W and for LoRA's B."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+_HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+
+
+def _read_hf(path: Path):
+    cfg = read_json(path / "config.json")
+    raw = {}
+    st_files = sorted(path.glob("*.safetensors"))
+    pt_files = sorted(path.glob("pytorch_model*.bin"))
+    if st_files:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{path} holds .safetensors files: pip install safetensors to read them")
+        for f in st_files:
+            raw.update(load_file(str(f)))
+    elif pt_files:
+        for f in pt_files:
+            raw.update(torch_load(f))
+    else:
+        raise CheckpointError(f"{path}: config.json found but no *.safetensors or pytorch_model*.bin")
+    shape = hf_args(cfg, path / "config.json")
+    n_heads, n_kv = shape.n_heads, shape.n_kv_heads
+    sd = {}
+    for k, v in raw.items():
+        k = k.removeprefix("model.")
+        if k == "embed_tokens.weight":
+            sd["tok_embeddings.weight"] = v
+        elif k == "norm.weight":
+            sd[k] = v
+        elif k == "lm_head.weight":
+            sd["output.weight"] = v
+        elif k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            mod, leaf = rest.rsplit(".", 1)
+            if mod not in _HF_NAMES:
+                continue  # e.g. rotary_emb.inv_freq in old exports
+            name = f"layers.{i}.{_HF_NAMES[mod]}.{leaf}"
+            if mod == "self_attn.q_proj":
+                v = hf_unpermute(v, n_heads)
+            elif mod == "self_attn.k_proj":
+                v = hf_unpermute(v, n_kv)
+            sd[name] = v
+    args = hf_args(cfg, path / "config.json", has_output="output.weight" in sd)
+    return args, sd
+
+
+_META_NAMES = {v: k for k, v in _HF_NAMES.items()}
+
+
+def save_hf_checkpoint(model: Transformer, folder):
+    """Write config.json and the weights as Hugging Face's LlamaForCausalLM names them (q and k rows permuted
+    back to HF's rotary layout); model.safetensors when safetensors is installed, else pytorch_model.bin."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    a = model.args
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": ffn_hidden_dim(a), "num_attention_heads": a.n_heads,
+              "num_hidden_layers": a.n_layers, "num_key_value_heads": a.n_kv_heads or a.n_heads,
+              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+              "max_position_embeddings": a.max_seq_len, "tie_word_embeddings": a.tie_embeddings,
+              "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if k == "tok_embeddings.weight":
+            sd["model.embed_tokens.weight"] = v
+        elif k == "norm.weight":
+            sd["model.norm.weight"] = v
+        elif k == "output.weight":
+            if not a.tie_embeddings:
+                sd["lm_head.weight"] = v
+        else:
+            _, i, mod, leaf = k.split(".", 3)
+            mod, leaf = f"{mod}.{leaf}".rsplit(".", 1)
+            if mod == "attention.wq":
+                v = hf_permute(v, a.n_heads).contiguous()
+            elif mod == "attention.wk":
+                v = hf_permute(v, a.n_kv_heads or a.n_heads).contiguous()
+            sd[f"model.layers.{i}.{_META_NAMES[mod]}.{leaf}"] = v
+    _save_tensors(sd, folder, "model")
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
+
+
+def _save_tensors(sd: dict, folder: Path, stem: str) -> Path:
+    """stem.safetensors when the safetensors package is installed, else a plain state dict in the .bin name HF uses."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        return atomic_save(sd, folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin"))
+    return atomic_write(folder / f"{stem}.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+
+
+# -----------------------------------------------------------------------------
+# PEFT's adapter format for LlamaForCausalLM: adapter_config.json + adapter_model.safetensors (or .bin),
+# tensors named base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...
+PEFT_PREFIX = "base_model.model.model.layers."
+
+
+def save_peft(model: nn.Module, folder, base_model: str = "", readme: str = ""):
+    """Write the model's LoRA adapter as a PEFT folder. An init that moved W0 (PiSSA, LoRA-GA) cannot be an
+    adapter of rank r on the original W0: it is written at rank 2r as [B, −B_init] [A; A_init] (the trained
+    update minus the initial one, as PEFT converts PiSSA), with lora_alpha set so the scale is unchanged."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to export")
+    one = next(iter(layers.values()))
+    moved = any(m.W0_shift is not None for m in layers.values())
+    if moved and not all(m.W0_shift is not None for m in layers.values()):
+        raise ValueError("some layers moved W0 and some did not: cannot export one PEFT adapter")
+    r = 2 * one.r if moved else one.r
+    lora_alpha = one.scaling * (math.sqrt(r) if one.rslora else r)  # PEFT: s = lora_alpha/√r (rsLoRA) or /r
+    n_heads, n_kv = model.args.n_heads, model.args.n_kv_heads or model.args.n_heads
+    sd = {}
+    for name, m in layers.items():
+        A, B = m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()
+        if moved:
+            B0, A0 = m.W0_shift
+            A, B = torch.cat([A, A0]), torch.cat([B, -B0], dim=1)  # s[B, −B0][A; A0] = s(B A − B0 A0)
+        _, i, mod = name.split(".", 2)
+        if mod == "attention.wq":
+            B = hf_permute(B, n_heads)
+        elif mod == "attention.wk":
+            B = hf_permute(B, n_kv)
+        key = f"{PEFT_PREFIX}{i}.{_META_NAMES[mod]}"
+        sd[f"{key}.lora_A.weight"] = A.contiguous()
+        sd[f"{key}.lora_B.weight"] = B.contiguous()
+    targets = sorted({_META_NAMES[n.split(".", 2)[2]].rsplit(".", 1)[1] for n in layers})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora_alpha,
+              "use_rslora": one.rslora, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "base_model_name_or_path": base_model, "init_lora_weights": True,
+              "inference_mode": False, "modules_to_save": None}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tensors(sd, folder, "adapter_model")
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
+    note = readme or ""
+    if moved:
+        note += (f"\nThis adapter was initialized by a method that moves W0 (PiSSA or LoRA-GA). It is written at rank "
+                 f"{r} = 2 x {one.r} on the ORIGINAL base weights: its product is the trained update minus the initial "
+                 f"one, [B, -B_init][A; A_init], with lora_alpha = {lora_alpha:g} so that the scale is unchanged.\n")
+    if note:
+        atomic_write_text(folder / "README.md", note.lstrip())
+    return folder
+
+
+def read_peft(folder, model: Transformer) -> dict:
+    """A PEFT adapter folder (as save_peft writes it) -> the state load_lora takes: names and the q/k row
+    permutation undone."""
+    folder = Path(folder)
+    cfg = read_json(folder / "adapter_config.json")
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{folder}: adapter_config.json has peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
+    if (folder / "adapter_model.safetensors").is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{folder} holds adapter_model.safetensors: pip install safetensors to read it")
+        raw = load_file(str(folder / "adapter_model.safetensors"))
+    elif (folder / "adapter_model.bin").is_file():
+        raw = torch_load(folder / "adapter_model.bin")
+    else:
+        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+    n_heads, n_kv = model.args.n_heads, model.args.n_kv_heads or model.args.n_heads
+    lora = {}
+    for k, v in raw.items():
+        if not k.startswith(PEFT_PREFIX):
+            raise CheckpointError(f"{folder}: unexpected tensor {k} (expected {PEFT_PREFIX}...)")
+        i, rest = k[len(PEFT_PREFIX):].split(".", 1)      # "0", "self_attn.q_proj.lora_A.weight"
+        mod, which, _ = rest.rsplit(".", 2)                 # "self_attn.q_proj", "lora_A", "weight"
+        if mod not in _HF_NAMES or which not in ("lora_A", "lora_B"):
+            raise CheckpointError(f"{folder}: unexpected tensor {k}")
+        meta = _HF_NAMES[mod]
+        if which == "lora_B" and meta == "attention.wq":
+            v = hf_unpermute(v, n_heads)
+        elif which == "lora_B" and meta == "attention.wk":
+            v = hf_unpermute(v, n_kv)
+        lora.setdefault(f"layers.{i}.{meta}", {})["A" if which == "lora_A" else "B"] = v.float()
+    return {"config": {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "rslora": cfg.get("use_rslora", False),
+                       "targets": sorted({n.rsplit(".", 1)[1] for n in lora})},
+            "lora": lora, "W0_shift": {}}
+
+
+
+
+# -----------------------------------------------------------------------------
+# this project's LoRA files: A, B per layer (and a shifted W0), or a PEFT folder
+
+def save_lora(model: nn.Module, path):
+    atomic_save(lora_state(model), path)
+
+
+def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: bool = False) -> dict:
+    """Add LoRA to a base model as the adapter describes, apply its W0 shift, load A and B."""
+    state = path_or_state
+    if not isinstance(state, dict):
+        if Path(state).is_dir() and (Path(state) / "adapter_config.json").is_file():
+            state = read_peft(state, model)  # a PEFT folder (this project's export, or PEFT's own)
+        elif not Path(state).is_file():
+            raise FileNotFoundError(f"LoRA adapter not found: {state} (a .pt file, or a PEFT folder with adapter_config.json)")
+        else:
+            state = torch_load(Path(state))
+    cfg = state["config"]
+    lora_alpha = cfg.get("lora_alpha", cfg.get("alpha"))  # "alpha" in adapters written before the rename
+    layers = lora_layers(model) or add_lora(model, cfg["r"], lora_alpha, cfg["targets"], cfg["rslora"],
+                                            dropout=dropout, freeze_A=freeze_A)
+    if set(layers) != set(state["lora"]):
+        raise ValueError(f"adapter layers {sorted(state['lora'])[:3]}... do not match the model's {sorted(layers)[:3]}...")
+    for n, m in layers.items():
+        dev = m.lora_A.device
+        if n in state.get("W0_shift", {}):
+            s = state["W0_shift"][n]
+            A0, B0 = s.get("A", s.get("A0")), s.get("B", s.get("B0"))  # "A0"/"B0" before the rename
+            m.init_(A0.to(dev), B0.to(dev), shift_W0=True)
+        m.init_(state["lora"][n]["A"].to(dev), state["lora"][n]["B"].to(dev))
+    return layers
+
+
