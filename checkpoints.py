@@ -488,7 +488,8 @@ def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: b
         if Path(state).is_dir() and (Path(state) / "adapter_config.json").is_file():
             state = read_peft(state, model)  # a PEFT folder (this project's export, or PEFT's own)
         elif not Path(state).is_file():
-            raise FileNotFoundError(f"LoRA adapter not found: {state} (a .pt file, or a PEFT folder with adapter_config.json)")
+            raise FileNotFoundError(f"LoRA adapter not found: {state} (a .pt file, or a PEFT folder with "
+                                    f"adapter_config.json)")
         else:
             state = torch_load(Path(state))
     cfg = state["config"]
@@ -496,7 +497,8 @@ def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: b
     layers = lora_layers(model) or add_lora(model, cfg["r"], lora_alpha, cfg["targets"], cfg["rslora"],
                                             dropout=dropout, freeze_A=freeze_A)
     if set(layers) != set(state["lora"]):
-        raise ValueError(f"adapter layers {sorted(state['lora'])[:3]}... do not match the model's {sorted(layers)[:3]}...")
+        raise ValueError(f"adapter layers {sorted(state['lora'])[:3]}... do not match the model's "
+                         f"{sorted(layers)[:3]}...")
     for n, m in layers.items():
         dev = m.lora_A.device
         if n in state.get("W0_shift", {}):

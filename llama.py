@@ -42,8 +42,16 @@ class ModelArgs:
     tie_embeddings: bool = True  # stories260K shares embedding and output; LLaMA-2-7B does not
 
 
+# the real pretrained models this project reads by name: (checkpoint, tokenizer) inside the data folder
+MODELS = {
+    "stories260K": ("stories260K/stories260K.bin", "stories260K/tok512.model"),        # width 64, 512-piece BPE
+    "babyllama936K": ("babyllama936K/model5000.bin", "babyllama936K/tok105.model"),   # width 128, characters
+}
+
 PRESETS = {
     "stories260K": ModelArgs(),
+    "babyllama936K": ModelArgs(dim=128, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=105, hidden_dim=352,
+                               max_seq_len=256),
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, vocab_size=32000,
                            hidden_dim=None, multiple_of=256, max_seq_len=4096, tie_embeddings=False),
     "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=None, vocab_size=32000,
@@ -108,11 +116,11 @@ class Attention(nn.Module):
         self.cache_k = self.cache_v = None  # allocated on the first cached call
 
     def forward(self, x, freqs_cos, freqs_sin, start_pos: Optional[int] = None):
-        B, T, _ = x.shape
-        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        B, T, _ = x.shape                                              # x: (B, T, dim)
+        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)        # (B, T, nh, hd)
+        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)     # (B, T, n_kv, hd): fewer kv heads (GQA)
         xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        xq = apply_rotary_emb(xq, freqs_cos, freqs_sin)
+        xq = apply_rotary_emb(xq, freqs_cos, freqs_sin)  # positions enter q and k only, never v
         xk = apply_rotary_emb(xk, freqs_cos, freqs_sin)
 
         if start_pos is None:
@@ -136,7 +144,7 @@ class Attention(nn.Module):
         # (B, nh, T, hd) for scaled_dot_product_attention
         xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
         out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(B, T, -1)
+        out = out.transpose(1, 2).reshape(B, T, -1)                    # (B, T, nh * hd): heads side by side
         return self.wo(out)
 
 
@@ -171,6 +179,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x, freqs_cos, freqs_sin, start_pos=None):
+        # pre-norm residual blocks, as LLaMA: the residual stream x itself is never normalized
         h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -394,6 +403,7 @@ class Tokenizer:
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
+        self.unk_id = self.sp.unk_id()  # what a tokenizer without byte fallback makes of a character it lacks
         # LLaMA tokenizers have no pad piece (sentencepiece says -1); like the LoRA-DA code we pad
         # with EOS, and every padded position is masked out of attention-free losses and statistics
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
@@ -418,17 +428,19 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+        raise ValueError(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); "
+                         f"use --device cpu")
     return name
 
 
 def main(argv=None):
-    here = Path(__file__).resolve().parent
-    default_dir = here.parent / "shared" / "data" / "stories260K"
-    p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face folder).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=str(default_dir / "stories260K.bin"), help="checkpoint file or folder")
-    p.add_argument("--tokenizer", default=str(default_dir / "tok512.model"), help="sentencepiece .model file")
+    data = Path(__file__).resolve().parent.parent / "shared" / "data"
+    p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face "
+                                "folder).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="stories260K", choices=sorted(MODELS),
+                   help=f"a real model by name, read from {data} (--checkpoint and --tokenizer override it)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file or folder (default: the --model's)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model file (default: the --model's)")
     p.add_argument("--prompt", default="Once upon a time", help="text to continue (BOS is prepended)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
@@ -445,8 +457,9 @@ def main(argv=None):
             raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
         from checkpoints import load_checkpoint  # the formats sit beside the model; only this CLI reads files
         device = resolve_device(args.device)
-        tok = Tokenizer(args.tokenizer)
-        model = load_checkpoint(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+        checkpoint, tokenizer = (data / f for f in MODELS[args.model])
+        tok = Tokenizer(args.tokenizer or tokenizer)
+        model = load_checkpoint(args.checkpoint or checkpoint, device=device, dtype=DTYPES[args.dtype])
         if tok.vocab_size != model.args.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects {model.args.vocab_size}")
         ids = tok.encode(args.prompt, bos=True)

@@ -79,7 +79,8 @@ class DAConfig:
         for name in ("gamma", "damping", "ga_gamma", "one_gamma"):
             if not getattr(self, name) > 0:
                 raise SettingError(name, f"must be > 0, got {getattr(self, name)}")
-        for name, lo in (("N", 0), ("stats_batch_size", 1), ("ga_samples", 1), ("one_samples", 1), ("layers_per_pass", 0)):
+        lowest = {"N": 0, "stats_batch_size": 1, "ga_samples": 1, "one_samples": 1, "layers_per_pass": 0}
+        for name, lo in lowest.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise SettingError(name, f"must be an integer >= {lo}, got {v}")
@@ -273,22 +274,34 @@ def _check_inputs(G, Z, Y, name=""):
     if Z.shape != (d_in, d_in):
         raise ValueError(f"Z must be ({d_in}, {d_in}) to fit G {tuple(G.shape)}, got {tuple(Z.shape)}{where}")
     if Y.shape not in ((d_out,), (d_out, d_out)):
-        raise ValueError(f"Y must be ({d_out},) or ({d_out}, {d_out}) to fit G {tuple(G.shape)}, got {tuple(Y.shape)}{where}")
+        raise ValueError(f"Y must be ({d_out},) or ({d_out}, {d_out}) to fit G {tuple(G.shape)}, "
+                         f"got {tuple(Y.shape)}{where}")
     for sym, t in (("G", G), ("Z", Z), ("Y", Y)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{sym} has NaN or inf entries{where}")
 
 
 def damped_cholesky(Z, damping, what="Z", name=""):
-    """Cholesky factor of sym(Z) + λI in fp64; raises with the damping tried when Z is not positive definite."""
+    """Cholesky factor of sym(Z) + λI in fp64; raises with the damping tried when Z is not positive definite.
+    Z and Y are Gram matrices, positive semi-definite in exact arithmetic; summed in fp32 over many tokens, a
+    rank-deficient one (fewer distinct inputs than d_in, as a character-level model's first layer, whose inputs
+    are ~100 embeddings in 128 dimensions) can come out with eigenvalues a rounding error below zero, which an
+    absolute λ = 1e-6 may not lift. Such an eigenvalue (above −1e-5 of the largest: fp32's ~1e-7 relative
+    error, summed over thousands of tokens) is set to zero before damping; a truly indefinite factor is refused."""
     Z = Z.double()
-    Zd = (Z + Z.T) / 2 + damping * torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device)
-    L, info = torch.linalg.cholesky_ex(Zd)
+    Zs = (Z + Z.T) / 2
+    eye = torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device)
+    L, info = torch.linalg.cholesky_ex(Zs + damping * eye)
     if info.item() != 0:
-        lo = torch.linalg.eigvalsh(Zd)[0].item()
-        where = f" of layer {name}" if name else ""
-        raise ValueError(f"factor {what}{where} is not positive definite after damping {damping:g} (smallest "
-                         f"eigenvalue {lo:.3g}); use a larger damping, e.g. {max(10 * damping, 2 * abs(lo)):.1g}")
+        evals, V = torch.linalg.eigh(Zs)
+        lo = evals[0].item()
+        if lo >= -1e-5 * evals[-1].abs().item():  # rounding, not indefiniteness: the nearest PSD matrix
+            L, info = torch.linalg.cholesky_ex((V * evals.clamp_min(0)) @ V.T + damping * eye)
+        if info.item() != 0:
+            where = f" of layer {name}" if name else ""
+            hint = max(10 * damping, 2 * abs(lo))
+            raise ValueError(f"factor {what}{where} is not positive definite after damping {damping:g} (smallest "
+                             f"eigenvalue {lo + damping:.3g}); use a larger damping, e.g. {hint:.1g}")
     return L
 
 
@@ -397,7 +410,8 @@ def lora_da_solve(G, Z, Y, r, cfg: DAConfig, *, seed=0, name=""):
     if not isinstance(r, int) or not 1 <= r <= d_in:
         raise ValueError(f"rank r must be an integer in [1, d_in={d_in}], got {r}")
     if cfg.N < 1:
-        raise ValueError(f"N must be an integer >= 1 in the solve (the fine-tuning set's size, DAConfig.N), got {cfg.N}")
+        raise ValueError(f"N must be an integer >= 1 in the solve (DAConfig.N: the fine-tuning set's size), "
+                         f"got {cfg.N}")
     where = f" in layer {name}" if name else ""
 
     Lz = damped_cholesky(Z, cfg.damping, "Z", name)   # Z + λI = L Lᵀ, factored once for Eqs. 5, 7, 9

@@ -45,8 +45,11 @@ SETTINGS = {
         "seed": (9, "random seed (the authors' runs use 9)"),
     },
     "model": {
-        "checkpoint": (None, "llama2.c .bin, Meta or HF folder, or a preset (llama2-7b) for --dry-run; default stories260K"),
-        "tokenizer": (None, "sentencepiece .model file; default: stories260K's tok512.model"),
+        "model": ("stories260K", "a real pretrained model by name, read from the data folder: stories260K (width 64, "
+                                 "BPE) or babyllama936K (width 128, characters)"),
+        "checkpoint": (None, "llama2.c .bin, Meta or HF folder, or a preset (llama2-7b) for --dry-run; "
+                             "default: --model's"),
+        "tokenizer": (None, "sentencepiece .model file; default: --model's"),
         "device": ("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)"),
         "dtype": ("fp32", "base weights dtype: fp32, bf16 or fp16 (LoRA and all statistics stay fp32)"),
     },
@@ -117,8 +120,8 @@ SETTINGS = {
         "dry_run": (False, "print the parameter count and the memory of each stage, allocate nothing, exit"),
     },
 }
-CHOICES = {"merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"), "dtype": ("fp32", "bf16", "fp16"), "token_mask": ("all", "labels"),
-           "solver": ("eigh", "lobpcg")}
+CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"), "dtype": tuple(llama.DTYPES),
+           "token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg")}
 METHODS = lora_da.METHODS
 POSITIVE = ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank", "seeds", "init_samples", "lora_alpha")
 NON_NEGATIVE = ("weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit", "eval_limit",
@@ -180,6 +183,10 @@ FILES = {  # relative path -> (canonical URL, sha256)
                                     "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"),
     "stories260K/tok512.model": ("https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/tok512.model",
                                  "dfff07d929db979913f166ec94a6f5ecad4c70cfed8eb5c9cbe7e464455e46f5"),
+    "babyllama936K/model5000.bin": ("https://github.com/EN10/BabyLlama/raw/a8f9b94/tok105/model5000.bin",
+                                    "98b63851593002f0ab706ff1db61fd9f5fd73d89df34970dd66eced9ee954464"),
+    "babyllama936K/tok105.model": ("https://github.com/EN10/BabyLlama/raw/a8f9b94/tok105/tok105.model",
+                                   "eed6827c1b4d876b982b9b628626dba444960a041857085e0d88c4a92aa8d3c6"),
     "sst2/train.tsv": ("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip (SST-2/train.tsv)",
                        "8621df47b79e9b3fa010405ef4dd506cbf483319cf851f20f2b6773f61d387b5"),
     "sst2/dev.tsv": ("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip (SST-2/dev.tsv)",
@@ -246,7 +253,7 @@ def download(dest: Path, needed):
 # tasks: each example becomes (prompt ids, answer ids); the loss is on the answer ids only
 
 SST2_PROMPT = "Review: {sentence}\nThe reviewer was"
-SST2_WORDS = (" sad", " happy")  # label 0, label 1: the model scores their first tokens
+SST2_WORDS = (" sad", " happy")  # label 0, label 1; the loss is on every token of the word
 
 
 def read_text(path):
@@ -327,11 +334,15 @@ VAL_SEED = 12345  # the validation draw is fixed: the same held-out examples for
 
 class Task:
     """The task's examples, encoded once: (prompt ids, answer ids) per split (train, val, test), with
-    truncation counted over each whole split (never silent), and right-padded batches."""
+    truncation and unknown characters counted over each whole split (never silent), and right-padded
+    batches in which <unk> is never a target."""
 
     def __init__(self, cfg, tok, data_dir, context, rows=None):
         self.name = "custom" if rows is not None else cfg.task
-        self.max_len = min(cfg.max_len or (128 if cfg.task == "sst2" else context), context)
+        # SST-2 prompts are ~45 BPE tokens but ~3x as many characters: a character-level tokenizer gets the context
+        sst2_len = 128 if tok.vocab_size > 256 else context
+        self.max_len = min(cfg.max_len or (sst2_len if cfg.task == "sst2" else context), context)
+        self.unk_id = tok.unk_id
         if rows is not None:  # --init-data: the user's own (prompt, answer) pairs, for the init only
             train, test = rows, []
         else:
@@ -340,6 +351,9 @@ class Task:
             test = read(data_dir / cfg.task / test_file) if cfg.test_eval else []  # model selection never reads it
         if cfg.task == "sst2":
             self.words = [tok.encode(w, bos=False) for w in SST2_WORDS]
+            # words that begin alike (a character tokenizer: both start with "▁") are scored whole; else by
+            # their first tokens (stories260K: "▁sa" against "▁happy"), the rule of every committed study
+            self.whole_word = self.words[0][0] == self.words[1][0]
         if cfg.train_limit:
             train = train[:cfg.train_limit]
         val = []
@@ -348,7 +362,8 @@ class Task:
         if cfg.val_size:  # a seeded draw held out of the training set: the only data any setting is chosen on
             if cfg.val_size >= len(train):
                 raise UsageError(f"--val-size {cfg.val_size} leaves no training data ({len(train)} examples)")
-            held = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))[:cfg.val_size].tolist())
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))
+            held = set(order[:cfg.val_size].tolist())
             val = [ex for i, ex in enumerate(train) if i in held]
             train = [ex for i, ex in enumerate(train) if i not in held]
         if cfg.train_size:
@@ -359,6 +374,7 @@ class Task:
         test = test[:cfg.eval_limit or (len(test) if cfg.task == "sst2" else 50)]
         self.train, self.val, self.test = train, val, test
         self.truncated = {"train": 0, "val": 0, "test": 0}
+        self.unknown = {"train": 0, "val": 0, "test": 0}  # <unk> tokens: characters outside the tokenizer's alphabet
         self.encoded = {split: [self._encode(tok, ex, split) for ex in getattr(self, split)]
                         for split in ("train", "val", "test")}
 
@@ -372,7 +388,9 @@ class Task:
         else:
             prompt = tok.encode(f"Q: {ex[0]}\nA: ", bos=True)
             answer = tok.encode(ex[1], bos=False, eos=True)
-        over = len(prompt) + len(answer) - self.max_len
+        # SST-2 is scored with either word after the prompt: leave room for the longer one
+        longest = max(map(len, self.words)) if self.name == "sst2" and self.whole_word else len(answer)
+        over = len(prompt) + longest - self.max_len
         if self.max_len < 3:
             raise UsageError(f"--max-len {self.max_len} leaves no room for a prompt and its answer; use at least 3")
         if over > 0:  # keep BOS and the answer; cut the oldest prompt tokens (then the answer's tail)
@@ -380,6 +398,7 @@ class Task:
             keep = max(1, len(prompt) - over)
             prompt = prompt[:1] + prompt[len(prompt) - keep + 1:] if keep > 1 else prompt[:1]
             answer = answer[:self.max_len - len(prompt)]
+        self.unknown[split] += (prompt + answer).count(self.unk_id)
         return prompt, answer
 
     def encode(self, split, i):
@@ -389,9 +408,12 @@ class Task:
         prompt, answer = self.encoded[split][i]
         return len(prompt) + len(answer) - 1  # positions fed to the model
 
-    def batch(self, split, indices, pad_id):
-        """tokens, targets (−100 except on answer tokens), attention_mask: (B, T), right-padded."""
+    def batch(self, split, indices, pad_id, word=None):
+        """tokens, targets (−100 except on answer tokens, and on <unk>: the loss never rewards predicting an
+        unknown character), attention_mask: (B, T), right-padded. word k: SST-2's label word k as every answer."""
         pairs = [self.encoded[split][i] for i in indices]
+        if word is not None:
+            pairs = [(p, self.words[word]) for p, _ in pairs]
         T = max(len(p) + len(a) for p, a in pairs) - 1
         tokens = torch.full((len(pairs), T), pad_id)
         targets = torch.full((len(pairs), T), -100)
@@ -401,6 +423,7 @@ class Task:
             tokens[b, :len(seq) - 1] = torch.tensor(seq[:-1])
             targets[b, len(p) - 1:len(seq) - 1] = torch.tensor(a)  # position t predicts token t+1
             mask[b, :len(seq) - 1] = True
+        targets[targets == self.unk_id] = -100
         return {"tokens": tokens, "targets": targets, "attention_mask": mask}
 
     def samples(self, n, pad_id):
@@ -443,7 +466,7 @@ def dry_run(cfg, args: llama.ModelArgs, device):
             (f"peak, statistics pass ({cfg.stats_batch_size} samples per pass)",
              gib(n_params * bytes_w + G + Z + Y + act * cfg.stats_batch_size // B)),
             ("peak, training", gib(n_params * bytes_w + lora * 16 + act))]
-    print(f"dry run: {cfg.checkpoint or 'stories260K'} on {device}, dtype {cfg.dtype}, {len(shapes)} LoRA layers")
+    print(f"dry run: {cfg.checkpoint or cfg.model} on {device}, dtype {cfg.dtype}, {len(shapes)} LoRA layers")
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v:>14}")
@@ -459,9 +482,10 @@ def gib(nbytes):
 
 @torch.no_grad()
 def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode_limit=-1):
-    """Loss on the answer tokens of a split; accuracy (sst2: the label word's first token wins;
-    gsm8k: greedy decoding, exact match of the final number, only when decode). Batches are formed in
-    length order (less padding); each example's numbers do not depend on its batch."""
+    """Loss on the answer tokens of a split; accuracy (sst2: the label word whose first token is more likely
+    wins, or, where both words begin with the same token, the word with the larger log-probability summed
+    over its tokens; gsm8k: greedy decoding, exact match of the final number, only when decode). Batches are formed in length order (less padding); each example's numbers do not
+    depend on its batch."""
     rows = getattr(task, split)
     if not rows:
         return None
@@ -478,9 +502,13 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
             losses[j] = loss
         counts = scored.sum(1)
         first = counts.cumsum(0) - counts                              # each row's first scored position
-        if task.name == "sst2":
-            at = logits[first]                                         # (B, V): the label word's first token
+        if task.name == "sst2" and not task.whole_word:
+            at = logits[first]                                         # (B, V): the label words' first tokens
             pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
+            correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
+        elif task.name == "sst2":  # words that begin with the same token: score each whole word
+            logp = [word_logprob(model, task, split, idx, k, tok.pad_id, device) for k in (0, 1)]
+            pred = (logp[1] > logp[0]).long().cpu()
             correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
     n_decoded = len(rows) if task.name == "sst2" or decode_limit < 0 else min(decode_limit, len(rows))
     decode = decode and n_decoded > 0
@@ -496,6 +524,16 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
     decoded = task.name == "sst2" or decode
     return {"accuracy": correct / n_decoded if decoded else None, "loss": sum(losses) / len(losses),
             **({"decoded": n_decoded} if task.name == "gsm8k" and decoded else {})}
+
+
+def word_logprob(model, task, split, idx, word, pad_id, device):
+    """log p(word | prompt) for each example of idx: the sum of the log-probabilities of the word's tokens."""
+    b = {k: v.to(device) for k, v in task.batch(split, idx, pad_id, word=word).items()}
+    scored = b["targets"] != -100                                      # (B, T): the word's positions
+    logp = torch.log_softmax(model(b["tokens"], at=scored).float(), -1)  # (n_scored, V)
+    token_logp = logp.gather(1, b["targets"][scored][:, None])[:, 0]   # (n_scored,)
+    rows = scored.nonzero()[:, 0]                                      # the example each token belongs to
+    return torch.zeros(len(idx), device=logp.device).index_add_(0, rows, token_logp)
 
 
 def backward_on_batch(model, task, idx, tok, device, groups, scale):
@@ -553,7 +591,8 @@ def resolved(cfg, method, seed, N, data_dir=None):
 
 
 # settings a resumed run may change: they change what is logged or written, never the numbers
-RESUMABLE = ("resume", "out_dir", "log_interval", "eval_interval", "save_merged", "merged_format", "export_peft", "download")
+RESUMABLE = ("resume", "out_dir", "log_interval", "eval_interval", "save_merged", "merged_format", "export_peft",
+             "download")
 
 
 def check_writable(out_dir: Path):
@@ -585,15 +624,16 @@ class Setup:
 def load(cfg, log=print) -> Setup:
     device = llama.resolve_device(cfg.device)
     needed = [] if cfg.init_data else [f"{cfg.task}/{f}" for f in TASK_FILES[cfg.task][1]]
-    if cfg.checkpoint is None or cfg.tokenizer is None:
-        needed += ["stories260K/stories260K.bin", "stories260K/tok512.model"]
+    model_file, tok_file = llama.MODELS[cfg.model]
+    needed += [model_file] * (cfg.checkpoint is None) + [tok_file] * (cfg.tokenizer is None)
     data_dir = find_data(cfg, needed)
-    ckpt_path = Path(cfg.checkpoint or data_dir / "stories260K" / "stories260K.bin")
-    tok_path = Path(cfg.tokenizer or data_dir / "stories260K" / "tok512.model")
+    ckpt_path = Path(cfg.checkpoint or data_dir / model_file)
+    tok_path = Path(cfg.tokenizer or data_dir / tok_file)
     tok = llama.Tokenizer(tok_path)
     base = checkpoints.load_checkpoint(ckpt_path, device=device, dtype=llama.DTYPES[cfg.dtype])
     if tok.vocab_size != base.args.vocab_size:
-        raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects {base.args.vocab_size}")
+        raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects "
+                         f"{base.args.vocab_size}")
     task = Task(cfg, tok, data_dir, base.args.max_seq_len, read_init_data(cfg.init_data) if cfg.init_data else None)
     log(f"{ckpt_path.name}: {base.num_params():,} parameters on {device} ({cfg.dtype}); {cfg.task}: "
         f"{len(task.train)} train, {len(task.val)} validation, {len(task.test)} test")
@@ -622,7 +662,8 @@ def lora_model(cfg, setup):
 def evaluate_splits(cfg, model, setup, decode=True, periodic=False):
     """The test split's numbers at the top level (the validation split's under --no-test-eval), with
     "split" naming it; the validation split's under "val" too, except in periodic evaluations."""
-    ev = lambda split: evaluate(model, setup.task, split, setup.tok, setup.device, decode, decode_limit=cfg.decode_limit)
+    def ev(split):
+        return evaluate(model, setup.task, split, setup.tok, setup.device, decode, decode_limit=cfg.decode_limit)
     test = ev("test")
     val = None if periodic and test else ev("val")
     if test is None:
@@ -685,9 +726,15 @@ def resume(ckpt_file, model, optimizer, config, log):
     return ckpt["step"], ckpt["metrics"], ckpt["history"]
 
 
+def checkpoint_state(step, model, optimizer, metrics, history, config) -> dict:
+    """Everything a resume needs, as a plain dict that carries its own config (as nanoGPT's)."""
+    return {"step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
+            "rng": torch.get_rng_state(), "metrics": metrics, "history": history, "config": config}
+
+
 def save_checkpoint(ckpt_file: Path, state: dict):
     """The new checkpoint is written whole first, then the latest becomes ckpt.prev.pt: a good one always
-    exists. A plain dict that carries its own config, as nanoGPT's."""
+    exists, and a broken (non-finite) state never replaces it."""
     if not all(torch.isfinite(t).all() for layer in state["adapter"]["lora"].values() for t in layer.values()):
         raise UsageError(f"LoRA weights became non-finite by step {state['step']}; lower --lr "
                          f"(now {state['config']['lr']:g})" + (f"; the last good checkpoint is {ckpt_file}"
@@ -718,10 +765,13 @@ def finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, l
         metrics["final_step"] = step
         metrics["evals"].append({"step": step, **metrics["final"]})
     task = setup.task
-    metrics["truncated"] = dict(task.truncated)
+    metrics["truncated"], metrics["unknown_tokens"] = dict(task.truncated), dict(task.unknown)
     if any(task.truncated.values()):
         log(f"truncated to --max-len {task.max_len} from the left of the prompt: " +
             ", ".join(f"{n} {split}" for split, n in task.truncated.items() if n) + " examples")
+    if any(task.unknown.values()):
+        log("characters outside the tokenizer's alphabet, read as <unk> (never a target): " +
+            ", ".join(f"{n} in {split}" for split, n in task.unknown.items() if n))
     total = metrics["init_seconds"] + metrics["train_seconds"]
     metrics["init_share"] = metrics["init_seconds"] / total if total else 0.0
     metrics["history"] = history
@@ -736,12 +786,14 @@ def finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, l
 
 
 def write_outputs(cfg, model, setup, out_dir, config, metrics, log, history=None):
-    """The adapter (with what rebuilds a shifted W0), settings, metrics, the loss curve, the exports."""
-    if history is not None:
-        checkpoints.save_lora(model, out_dir / "adapter.pt")
+    """Settings and metrics; after training the adapter (with what rebuilds a shifted W0) and the loss
+    curve (history None: --init-only, the init alone); then the exports."""
     checkpoints.atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
     checkpoints.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    if history is not None:
+    if history is None:
+        log(f"init {metrics['method']}: {metrics['init_seconds']:.1f}s; written to {out_dir / 'init_adapter.pt'}")
+    else:
+        checkpoints.save_lora(model, out_dir / "adapter.pt")
         plot_loss(history, metrics, out_dir / "loss.png", f"{metrics['method']} (seed {metrics['seed']}) on {cfg.task}")
     if cfg.export_peft:
         checkpoints.save_peft(model, cfg.export_peft, base_model=str(setup.checkpoint))
@@ -762,12 +814,13 @@ def write_outputs(cfg, model, setup, out_dir, config, metrics, log, history=None
 # one run: load -> LoRA -> init or resume -> the loop -> outputs
 
 def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
+    """One method, one seed: load -> LoRA -> init (or resume) -> the loop -> outputs; returns the metrics."""
     setup = setup or load(cfg, log)
     task, N, t_start = setup.task, len(setup.task.train), time.perf_counter()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA's random A comes from here: the same seed, the same init
     log(f"[{method} seed {seed}] -> {out_dir}")
     model = lora_model(cfg, setup)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # A and B of each layer, fp32 (B only if frozen A)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     ckpt_file, config = out_dir / "ckpt.pt", resolved(cfg, method, seed, N, setup.data_dir)
     if cfg.resume and (ckpt_file.is_file() or ckpt_file.with_name("ckpt.prev.pt").is_file()):
@@ -779,11 +832,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         metrics = initialize(cfg, model, method, seed, N, setup, out_dir, log)
         if cfg.init_only:  # hand the initialization to another trainer: no training here
             write_outputs(cfg, model, setup, out_dir, config, metrics, log)
-            log(f"init {method}: {metrics['init_seconds']:.1f}s; written to {out_dir / 'init_adapter.pt'}")
             return metrics
-    checkpoint = lambda: save_checkpoint(ckpt_file, {
-        "step": step, "adapter": llama.lora_state(model), "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(), "metrics": metrics, "history": history, "config": config})
 
     # the loop: AdamW on the LoRA factors; step k always sees the same batch of the seeded data order
     warmup_steps, per_step, perms, first_step = int(cfg.warmup * cfg.steps), cfg.batch_size * cfg.grad_accum, {}, step
@@ -796,15 +845,16 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):  # the loss of a step: the mean over its per_step sequences
             idx = batch_indices(step * per_step + micro * cfg.batch_size, cfg.batch_size, seed, N, perms)
+            # each sequence's loss is a sum over its answer tokens; scaled by 1/per_step, the grads accumulate
             loss, tokens = backward_on_batch(model, task, idx, setup.tok, setup.device, cfg.length_groups, 1 / per_step)
             loss_sum, clock.tokens = loss_sum + loss, clock.tokens + tokens
         if not math.isfinite(loss_sum):
             raise UsageError(f"loss became {loss_sum} at step {step}; lower --lr (now {cfg.lr:g}) or check the data"
                              + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
-        if cfg.grad_clip:
+        if cfg.grad_clip:  # the global norm over all LoRA factors, as HF's Trainer clips
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # free the grads between steps
         step += 1
         history["step"].append(step)
         history["loss"].append(loss_sum)
@@ -813,15 +863,15 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
             eta = dt / max(1, step - first_step) * (cfg.steps - step)  # from this sitting's pace
             log(f"step {step:5d}/{cfg.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | "
                 f"{clock.tokens / max(dt, 1e-9):,.0f} tok/s | ETA {eta:.0f}s")
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:  # the last step evaluates below
             ev = evaluate_splits(cfg, model, setup, decode=False, periodic=True)  # GSM8K decodes only at the end
             metrics["evals"].append({"step": step, **ev})
             log(f"eval step {step}: accuracy {accuracy(ev)}, loss {ev['loss']:.4f}")
             clock.totals()
-            checkpoint()
+            save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
 
     finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, log)
-    checkpoint()
+    save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
     write_outputs(cfg, model, setup, out_dir, config, metrics, log, history)
     return metrics
 
@@ -883,7 +933,7 @@ def compare(results, out_dir: Path, cfg):
             cols.append(f"{mu:.4f} ± {sd:.4f}")
         rows.append(f"| {method} | " + " | ".join(cols) + " |")
     seeds = len(next(iter(results.values())))
-    text = (f"# {cfg.task}: {', '.join(results)} on {cfg.checkpoint or 'stories260K'}, {seeds} seed(s)\n\n"
+    text = (f"# {cfg.task}: {', '.join(results)} on {cfg.checkpoint or cfg.model}, {seeds} seed(s)\n\n"
             f"mean ± std over seeds; {cfg.steps} steps × {cfg.batch_size * cfg.grad_accum} sequences, lr {cfg.lr:g}, "
             f"r={cfg.rank}, alpha={cfg.lora_alpha:g}{' (rsLoRA)' if cfg.rslora else ''}\n\n" + "\n".join(rows) + "\n")
     checkpoints.atomic_write_text(out_dir / "compare.md", text)
@@ -893,12 +943,14 @@ def compare(results, out_dir: Path, cfg):
         n = min(len(m["history"]["loss"]) for m in runs)
         mean = [sum(m["history"]["loss"][i] for m in runs) / len(runs) for i in range(n)]
         a1.plot(runs[0]["history"]["step"][:n], smooth(mean), label=method)
-    a1.set(title="training loss (mean over seeds, smoothed)", xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
+    a1.set(title="training loss (mean over seeds, smoothed)", xlabel="optimizer step",
+           ylabel="cross-entropy (nats/token)")
     a1.legend()
     names = list(results)
     stats = [mean_std([m["final"]["accuracy"] for m in results[k]]) for k in names]
     a2.bar(names, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], capsize=4, label="final (± std)")
-    zs = [m["zero_shot"]["accuracy"] for runs in results.values() for m in runs if m.get("zero_shot", {}).get("accuracy") is not None]
+    zs = [m["zero_shot"]["accuracy"] for runs in results.values() for m in runs
+          if m.get("zero_shot", {}).get("accuracy") is not None]
     if zs:
         a2.axhline(100 * mean_std(zs)[0], color="gray", ls="--", label="zero-shot")
     a2.set(title=f"final {cfg.task} accuracy", xlabel="initialization", ylabel="accuracy (%)")
@@ -915,10 +967,11 @@ def main(argv=None):
     try:
         if cfg.dry_run:
             if cfg.checkpoint in llama.PRESETS or cfg.checkpoint is None:
-                args = llama.PRESETS[cfg.checkpoint or "stories260K"]
+                args = llama.PRESETS[cfg.checkpoint or cfg.model]
             else:
                 args = checkpoints.read_args(cfg.checkpoint)
-            dry_run(cfg, args, "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
+            auto = "cuda" if torch.cuda.is_available() else "cpu"  # a plan needs no device: never refuse one
+            dry_run(cfg, args, auto if cfg.device == "auto" else cfg.device)
             return
         out = Path(cfg.out_dir)
         multi = len(cfg.methods) > 1 or cfg.seeds > 1

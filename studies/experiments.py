@@ -5,7 +5,7 @@ training set, then trained with several seeds and compared on the test set with 
     python studies/experiments.py baselines              # lora, gaussian, pissa, ga, one, da on SST-2
     python studies/experiments.py convergence            # the same runs, read as curves: no new runs
     python studies/experiments.py gsm8k                  # the protocol on GSM8K (test loss on the answers)
-    python studies/experiments.py samples                # the open questions (README, Findings): init samples |S|,
+    python studies/experiments.py samples                # the open questions (FINDINGS.md): init samples |S|,
     python studies/experiments.py scarcity               #   training-set size N and the variance term,
     python studies/experiments.py ablation               #   bias/variance/normalization/γ ablation,
     python studies/experiments.py rank                   #   rank r,
@@ -23,8 +23,8 @@ The protocol (FINDINGS.md):
   3. aggregate: mean and 95% t-interval per method; LoRA-DA minus each other method paired by seed (the same
      data order), with its 95% interval; "wins" only where that interval excludes zero.
 
-Every finished run is one small JSON under results/STUDY/runs/; a rerun skips them, so a study can be finished
-over several sittings and anyone can recompute the tables from the committed files. A study's rows are cells (a
+Every finished run is one small JSON under studies/results/STUDY/runs/; a rerun skips them, so a study can be
+finished over several sittings and anyone can recompute the tables from the committed files. A study's rows are cells (a
 method with settings on top of the study's); a cell trains at the rate chosen for its rate group (its method at
 the settings the rate depends on, e.g. the training-set size). A run another study already made with the same
 settings is copied (naming its source), not rerun.
@@ -785,7 +785,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=sorted(STUDIES), help="which study")
     p.add_argument("--jobs", type=int, default=2, help="parallel runs, one thread each (default: 2, the cores here)")
-    p.add_argument("--out", default=None, help="results folder (default: results/STUDY)")
+    p.add_argument("--out", default=None, help="results folder (default: studies/results/STUDY)")
     p.add_argument("--aggregate", action="store_true", help="only rebuild the tables and plots from the JSONs")
     p.add_argument("--list", action="store_true", help="list the grid and what is done, run nothing")
     a = p.parse_args(argv)

@@ -27,7 +27,6 @@ def data():
 @pytest.fixture(scope="session")
 def stories(data):
     import checkpoints
-    import llama
     return checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin")
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoints
 import llama
@@ -257,3 +258,24 @@ def test_adapter_save_load_rebuilds_the_same_model_including_a_W0_shift(tmp_path
     torch.testing.assert_close(base(tokens), model(tokens), rtol=1e-5, atol=1e-5)
     state = torch.load(tmp_path / "adapter.pt", weights_only=True)
     assert state["config"] == {"r": 4, "lora_alpha": 8, "rslora": True, "scaling": 4.0, "targets": ["w2", "wq"]}
+
+
+def test_babyllama936K_reads_its_weights_right(data):
+    """The second real model (width 128, a 105-character tokenizer, llama2.c legacy .bin): a TinyStories
+    sentence costs it 0.077 nats per character, against 22.9 with its own weights shuffled within each
+    matrix and 4.65 (ln 105) for a uniform guess; a weight read in the wrong order or layout lands near the
+    shuffled or uniform model."""
+    d = data / "babyllama936K"
+    tok, model = llama.Tokenizer(d / "tok105.model"), checkpoints.load_checkpoint(d / "model5000.bin")
+    assert (model.args.dim, model.args.vocab_size, model.args.max_seq_len) == (128, 105, 256)
+    ids = torch.tensor([tok.encode("Once upon a time, there was a little girl named Lily. She loved to play "
+                                   "outside in the park with her friends.")])
+    nll = lambda m: F.cross_entropy(m(ids[:, :-1])[0], ids[0, 1:]).item()
+    with torch.no_grad():
+        real = nll(model)
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(p.flatten()[torch.randperm(p.numel(), generator=gen)].view_as(p))
+        shuffled = nll(model)
+    assert real < 0.3 and shuffled > 3.0, (real, shuffled)

@@ -265,6 +265,19 @@ def test_bad_shapes_non_finite_and_indefinite_factors_are_refused():
         L.lora_da_factors(G, Z - 2 * torch.eye(20), Y, 4, L.DAConfig(N=100))
 
 
+def test_a_rank_deficient_gram_factor_rounded_below_zero_is_damped_not_refused():
+    """Z summed in fp32 from fewer inputs than d_in is PSD up to rounding; the solve damps its nearest PSD
+    matrix (negative eigenvalues set to 0), while a truly indefinite factor is still refused (test above)."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(4000, 40, generator=gen) @ torch.randn(40, 64, generator=gen)  # rank 40 < d_in = 64
+    Z = X.T @ X / len(X)                                                           # fp32, as the statistics pass
+    evals, V = torch.linalg.eigh(Z.double())
+    assert evals[0] < -1e-9  # the premise: fp32 rounding put eigenvalues below zero, below the damping used
+    C = L.damped_cholesky(Z, 1e-9)
+    nearest = (V * evals.clamp_min(0)) @ V.T + 1e-9 * torch.eye(64, dtype=torch.float64)
+    torch.testing.assert_close(C @ C.T, nearest, rtol=0, atol=1e-9)  # fp64 round trip of entries ~10
+
+
 def test_failed_initialization_leaves_the_model_untouched(stories):
     model = copy.deepcopy(stories)
     layers = llama.add_lora(model, r=4, lora_alpha=8)

@@ -12,7 +12,8 @@ import pytest
 from conftest import ROOT
 
 THEORY = (ROOT / "theory.md").read_text()
-SOURCES = sorted(ROOT.glob("*.py")) + sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "notebooks").glob("*.ipynb"))
+SOURCES = (sorted(ROOT.glob("*.py")) + sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "studies").glob("*.py"))
+           + sorted((ROOT / "notebooks").glob("*.ipynb")))
 
 
 def text_of(path):
@@ -52,7 +53,10 @@ def test_theory_md_defines_its_sections_and_equations():
     assert set(range(1, 14)) <= theory_equations()
 
 
-@pytest.mark.parametrize("path", SOURCES + [ROOT / "theory.md", ROOT / "README.md"], ids=lambda p: p.name)
+DOCS = [ROOT / "theory.md", ROOT / "README.md", ROOT / "FINDINGS.md", ROOT / "tests" / "README.md"]
+
+
+@pytest.mark.parametrize("path", SOURCES + DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_section_and_equation_cited_exists_in_theory_md(path):
     secs, eqs = citations(text_of(path))
     assert not secs - theory_sections(), f"{path.name} cites sections {sorted(secs - theory_sections())}"
@@ -73,7 +77,7 @@ def named_in_theory():
     return tests, funcs, dotted
 
 
-MODULES = ("lora_da", "synthetic", "llama", "train")
+MODULES = ("lora_da", "synthetic", "llama", "checkpoints", "train")
 
 
 def resolve(name):

@@ -1,6 +1,5 @@
 """train.py end to end, on the real stories260K model and the real SST-2 and GSM8K files, with tiny budgets."""
 import json
-import os
 import subprocess
 import sys
 
@@ -185,3 +184,47 @@ def test_a_run_records_how_far_A_moved_and_frozen_A_does_not_move(tmp_path, data
             assert drift["max"] < 1e-3
         else:
             assert drift["mean"] > 1.0
+
+
+def test_whole_word_verbalizer_scores_the_sum_of_the_words_tokens_and_unk_is_counted_never_a_target(data):
+    """With babyllama936K's character tokenizer, ' sad' and ' happy' share their first token, so SST-2 is scored
+    by log p(word | prompt) summed over the word's tokens. Checked against one full forward per example and
+    word; every <unk> (the prompt's newline is outside the 105-character alphabet) is counted, none a target."""
+    cfg = train.get_args(["--model", "babyllama936K", "--train-limit", "40", "--eval-limit", "24", "--data-dir", str(data)])
+    setup = train.load(cfg, log=lambda *a: None)
+    task, tok, model = setup.task, setup.tok, setup.base
+    assert [len(w) for w in task.words] == [4, 6] and task.whole_word
+    assert task.max_len == 256 and task.unknown["test"] >= len(task.test)  # one newline per prompt at least
+    idx = list(range(8))
+    logp = [train.word_logprob(model, task, "test", idx, k, tok.pad_id, "cpu") for k in (0, 1)]
+    with torch.no_grad():
+        for j in idx:
+            prompt, _ = task.encode("test", j)
+            for k in (0, 1):
+                seq = torch.tensor([prompt + task.words[k]])
+                lp = torch.log_softmax(model(seq[:, :-1])[0].float(), -1)
+                hand = sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(task.words[k]))
+                assert logp[k][j].item() == pytest.approx(hand, abs=1e-4)
+    ev = train.evaluate(model, task, "test", tok, "cpu")
+    pred = [int(logp[1][j] > logp[0][j]) for j in idx]
+    assert ev["accuracy"] is not None and 0 <= ev["accuracy"] <= 1
+    b = task.batch("train", range(len(task.train)), tok.pad_id)
+    assert (b["tokens"] == tok.unk_id).any() and not (b["targets"] == tok.unk_id).any()
+    assert pred == [int(x) for x in (logp[1] > logp[0]).tolist()]
+
+
+def test_words_with_distinct_first_tokens_are_scored_by_them_as_in_every_committed_study(data, tokenizer, stories):
+    """On stories260K ' sad' is two tokens ('▁sa', 'd') and ' happy' one: their first tokens differ, so accuracy
+    compares those two logits at the answer position (the rule of the committed stories260K studies), and the
+    prompts keep the room they always had; babyllama936K's words begin alike and are scored whole (above)."""
+    cfg = train.get_args(["--train-limit", "40", "--eval-limit", "32"])
+    task = train.Task(cfg, tokenizer, data, 512)
+    assert [len(w) for w in task.words] == [2, 1] and not task.whole_word and task.max_len == 128
+    assert task.unknown == {"train": 0, "val": 0, "test": 0}  # byte fallback: nothing is unknown
+    b = task.batch("test", range(32), tokenizer.pad_id)
+    scored = b["targets"] != -100
+    logits = stories(b["tokens"], at=scored)
+    first = scored.sum(1).cumsum(0) - scored.sum(1)
+    pred = (logits[first][:, task.words[1][0]] > logits[first][:, task.words[0][0]]).long()
+    correct = int((pred == torch.tensor([y for _, y in task.test[:32]])).sum())
+    assert train.evaluate(stories, task, "test", tokenizer, "cpu")["accuracy"] == correct / 32
