@@ -484,14 +484,14 @@ def gib(nbytes):
 def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode_limit=-1):
     """Loss on the answer tokens of a split; accuracy (sst2: the label word whose first token is more likely
     wins, or, where both words begin with the same token, the word with the larger log-probability summed
-    over its tokens; gsm8k: greedy decoding, exact match of the final number, only when decode). Batches are formed in length order (less padding); each example's numbers do not
-    depend on its batch."""
+    over its tokens; gsm8k: greedy decoding, exact match of the final number, only when decode). Batches
+    are formed in length order (less padding); each example's numbers do not depend on its batch."""
     rows = getattr(task, split)
     if not rows:
         return None
     was_training = model.training
     model.eval()
-    losses, correct = [0.0] * len(rows), 0
+    losses, correct, positive = [0.0] * len(rows), 0, 0
     order = sorted(range(len(rows)), key=lambda j: task.length(split, j))
     for i in range(0, len(rows), batch_size):
         idx = order[i:i + batch_size]
@@ -506,10 +506,12 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
             at = logits[first]                                         # (B, V): the label words' first tokens
             pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
             correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
+            positive += int(pred.sum())
         elif task.name == "sst2":  # words that begin with the same token: score each whole word
             logp = [word_logprob(model, task, split, idx, k, tok.pad_id, device) for k in (0, 1)]
             pred = (logp[1] > logp[0]).long().cpu()
             correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
+            positive += int(pred.sum())
     n_decoded = len(rows) if task.name == "sst2" or decode_limit < 0 else min(decode_limit, len(rows))
     decode = decode and n_decoded > 0
     if task.name == "gsm8k" and decode:
@@ -523,7 +525,8 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
     model.train(was_training)
     decoded = task.name == "sst2" or decode
     return {"accuracy": correct / n_decoded if decoded else None, "loss": sum(losses) / len(losses),
-            **({"decoded": n_decoded} if task.name == "gsm8k" and decoded else {})}
+            **({"decoded": n_decoded} if task.name == "gsm8k" and decoded else {}),
+            **({"predicted_positive": positive / len(rows)} if task.name == "sst2" else {})}  # 0 or 1: collapsed
 
 
 def word_logprob(model, task, split, idx, word, pad_id, device):

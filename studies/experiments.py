@@ -147,6 +147,12 @@ ABLATION = (Cell("lora", "lora"), Cell("da", "da"), Cell("da-beta0", "da", ("--b
             Cell("da-g4096", "da", ("--gamma", "4096")))
 FROZEN = tuple(c for m in ("lora", "one", "da") for c in
                (Cell(m, m), Cell(f"{m}-FA", m, ("--freeze-A",), ("--freeze-A",), "FA", series=f"{m} (A frozen)")))
+# the second real model: babyllama936K (width 128, 5 layers, a 105-character tokenizer, 256-token context), the
+# baselines' protocol at half their tokens (200 steps x 32), LoRA-FA beside standard LoRA for lora and da
+BABY = ("--model", "babyllama936K", "--task", "sst2", "--steps", "200", "--eval-interval", "0", "--val-size", "1000",
+        "--no-zero-shot")
+BABY_CELLS = plain(("lora", "ga", "one", "da")) + tuple(
+    Cell(f"{m}-FA", m, ("--freeze-A",), ("--freeze-A",), "FA", series=f"{m} (A frozen)") for m in ("lora", "da"))
 
 
 def pairs_of(cells, key):
@@ -178,6 +184,11 @@ STUDIES = {
                       pairs=(("lora-FA", "lora"), ("one-FA", "one"), ("da-FA", "da"), ("da-FA", "lora-FA"),
                              ("da-FA", "one-FA"), ("da", "lora"), ("da", "one")),
                       question="Does the frozen-A theory transfer to standard LoRA, and how far does A move (open question 4)?"),
+    "babyllama": Study("sst2", BABY_CELLS, (3e-4, 1e-3, 3e-3, 1e-2), (101,), (1, 2, 3, 4, 5), BABY,
+                       pairs=(("da", "lora"), ("da", "ga"), ("da", "one"), ("da-FA", "lora-FA"), ("da-FA", "da"),
+                              ("lora-FA", "lora")),
+                       question="Does LoRA-DA still lose to LoRA on a second real model, twice as wide, with a "
+                                "character tokenizer (babyllama936K)?"),
     "distance": Study("sst2", (), (), (), (), (), of=("baselines", "gsm8k"),
                       question="Does LoRA-DA's gain shrink as the task moves away from pretraining (open question 1)?"),
 }
@@ -237,7 +248,7 @@ _SETUPS = {}
 def _setup(cfg, log):
     """The tokenizer, model and data once per worker and data setting (runs only copy the model)."""
     key = (cfg.task, cfg.val_size, cfg.test_eval, cfg.train_limit, cfg.train_size, cfg.eval_limit, cfg.max_len,
-           cfg.checkpoint, cfg.init_data)
+           cfg.model, cfg.checkpoint, cfg.tokenizer, cfg.init_data)
     if key not in _SETUPS:
         _SETUPS[key] = train.load(cfg, log)
     return _SETUPS[key]
