@@ -57,12 +57,14 @@ SETTINGS = {
         "task": ("sst2", "sst2 (GLUE SST-2, accuracy on dev.tsv) or gsm8k (exact match of the final number)"),
         "data_dir": (None, "folder with stories260K/, sst2/, gsm8k/ (else $LORA_DA_DATA, ./data, ../shared/data)"),
         "download": (False, "download missing data files from their canonical homes and check sha256"),
-        "max_len": (0, "longest sequence in tokens, prompts truncated from the left (0: 128 for sst2, the context for gsm8k)"),
+        "max_len": (0, "longest sequence in tokens, prompts truncated from the left (0: 128 for sst2 with a BPE "
+                       "tokenizer; the model's context for gsm8k or a character tokenizer)"),
         "train_limit": (0, "use only the first N training examples (0: all)"),
         "val_size": (0, "hold out this many training examples (a seeded draw, never trained on) as a validation set"),
         "train_size": (0, "train on only the first N training examples left after the validation split (0: all; "
                            "data scarcity: the same step budget becomes several epochs)"),
-        "test_eval": (True, "evaluate on the test split (dev.tsv for sst2); --no-test-eval never reads it (model selection)"),
+        "test_eval": (True, "evaluate on the test split (dev.tsv for sst2); --no-test-eval never reads it "
+                            "(model selection)"),
         "eval_limit": (0, "evaluate on the first N test examples (0: all 872 for sst2, 50 for gsm8k)"),
         "decode_limit": (-1, "gsm8k: greedy-decode only the first N problems of each split for exact match, the slow "
                              "part of an evaluation (-1: all; 0: none, loss only); the loss always uses all"),
@@ -85,8 +87,10 @@ SETTINGS = {
         "normalize": (DA.normalize, "divide dW by its largest singular value (paper's code: on)"),
         "token_mask": (DA.token_mask, "tokens counted in Z and Y: all non-padding (paper) or labels"),
         "y_full": (DA.y_full, "full output factor Y instead of its diagonal (paper: diagonal)"),
-        "stats_batch_size": (DA.stats_batch_size, "samples per statistics pass (1: the explicit per-sample loop; same numbers)"),
-        "layers_per_pass": (DA.layers_per_pass, "transformer blocks per statistics pass, bounds memory on 7B (paper: 8; 0: all)"),
+        "stats_batch_size": (DA.stats_batch_size, "samples per statistics pass (1: the explicit per-sample loop; "
+                                                  "same numbers)"),
+        "layers_per_pass": (DA.layers_per_pass, "transformer blocks per statistics pass, bounds memory on 7B "
+                                                "(paper: 8; 0: all)"),
         "solver": (DA.solver, "eigensolver for A0: eigh (dense) or lobpcg (large d_in)"),
         "ga_gamma": (DA.ga_gamma, "LoRA-GA gamma (its official code: 16)"),
         "ga_samples": (DA.ga_samples, "LoRA-GA gradient samples (its reproduce config: 8; its example: 128)"),
@@ -120,8 +124,8 @@ SETTINGS = {
         "dry_run": (False, "print the parameter count and the memory of each stage, allocate nothing, exit"),
     },
 }
-CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"), "dtype": tuple(llama.DTYPES),
-           "token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg")}
+CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"),
+           "dtype": tuple(llama.DTYPES), "token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg")}
 METHODS = lora_da.METHODS
 POSITIVE = ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank", "seeds", "init_samples", "lora_alpha")
 NON_NEGATIVE = ("weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit", "eval_limit",
@@ -702,7 +706,8 @@ def read_checkpoint(ckpt_file: Path, log):
     try:
         return torch.load(ckpt_file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty or not a weights-only checkpoint
-        problem = f"{ckpt_file} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})"
+        why = str(e).splitlines()[0][:120] if str(e) else "empty"
+        problem = f"{ckpt_file} is unreadable ({type(e).__name__}: {why})"
     if not prev.is_file():
         raise UsageError(f"{problem}, and there is no earlier checkpoint {prev.name}; start again without --resume "
                          f"or use another --out-dir")

@@ -3,6 +3,7 @@ Where a default run's time goes, before and after the throughput work; prints a 
 
     python studies/bench.py                 # 2 threads (the CI machine), about a minute
     python studies/bench.py --threads 1     # as studies/experiments.py runs each job
+    python studies/bench.py --model babyllama936K   # the second real model: width 128, ~3x longer sequences
 
 "before" is the straightforward form, kept here as the reference: every micro-batch padded to its
 longest sequence, logits over the whole vocabulary at every position, evaluation in file order.
@@ -35,9 +36,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--steps", type=int, default=20, help="training steps timed per variant (default: 20)")
+    p.add_argument("--model", default="stories260K", choices=sorted(llama.MODELS), help="which real model")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = train.get_args([])
+    cfg = train.get_args(["--model", args.model])
     setup = train.load(cfg, log=lambda *a: None)
     tok, task = setup.tok, setup.task
     model = copy.deepcopy(setup.base)
@@ -102,14 +104,17 @@ def main():
     for method, batch in [("lora", 16), ("pissa", 16), ("ga", 16), ("one", 16), ("da", 16), ("da", 1)]:
         m = copy.deepcopy(setup.base)
         llama.add_lora(m, r=cfg.rank, lora_alpha=cfg.lora_alpha, rslora=True)
-        init_cfg = train.init_config(train.get_args(["--stats-batch-size", str(batch)]), 9, len(task.train))
+        init_cfg = train.init_config(train.get_args(["--model", args.model, "--stats-batch-size", str(batch)]), 9,
+                                     len(task.train))
         t = time.perf_counter()
         rep = lora_da.initialize(m, method, samples, cfg=init_cfg)
         what = "per-sample loop" if batch == 1 else f"batch {batch}"
         rows.append((f"init {method} ({rep.get('samples', 0)} samples, {what})", f"{time.perf_counter() - t:.2f} s", ""))
 
     w = max(len(r[0]) for r in rows)
-    print(f"bench: stories260K, SST-2, batch {cfg.batch_size}, {args.threads} thread(s), torch {torch.__version__}")
+    tokens = sum(task.length("train", i) + 1 for i in range(len(task.train))) / len(task.train)
+    print(f"bench: {args.model}, SST-2 (mean {tokens:.0f} tokens per training example, cut to {task.max_len}), "
+          f"batch {cfg.batch_size}, {args.threads} thread(s), torch {torch.__version__}")
     for name, value, speed in rows:
         print(f"  {name:<{w}}  {value:>18}  {speed:>6}")
 

@@ -321,20 +321,45 @@ def _one_thread():
 # -----------------------------------------------------------------------------
 # statistics: means, t-intervals, paired differences
 
+def t_cdf(t, df):
+    """Student's t CDF by numerical integration of the density: numpy only, accurate to ~1e-6 here."""
+    x = np.linspace(0.0, abs(t), 20001)
+    logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(logc - (df + 1) / 2 * np.log1p(x * x / df))
+    area = float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(x)))
+    return 0.5 + math.copysign(area, t)
+
+
 def t_quantile(p, df):
-    """The p-quantile of Student's t with df degrees of freedom, by bisection on its CDF (numerical
-    integration of the density): numpy only, accurate to ~1e-6 for the df used here."""
-    def cdf(t):
-        x = np.linspace(0.0, abs(t), 20001)
-        logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-        pdf = np.exp(logc - (df + 1) / 2 * np.log1p(x * x / df))
-        area = float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(x)))
-        return 0.5 + math.copysign(area, t)
+    """The p-quantile of Student's t with df degrees of freedom, by bisection on its CDF."""
     lo, hi = -1e3, 1e3
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
     return (lo + hi) / 2
+
+
+def paired_p(a: dict, b: dict):
+    """Two-sided p-value of the paired t-test of a − b over the seeds both have (the interval's test)."""
+    d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    if len(d) < 2:
+        return float("nan")
+    sd = float(np.std(d, ddof=1))
+    if sd == 0:
+        return 0.0 if np.mean(d) != 0 else 1.0
+    t = float(np.mean(d)) / (sd / math.sqrt(len(d)))
+    return 2 * (1 - t_cdf(abs(t), len(d) - 1))
+
+
+def holm(pvalues: dict, alpha=0.05) -> dict:
+    """Holm's step-down correction over a family of tests: {name: rejected?}, controlling the chance of any
+    false verdict at alpha (the smallest p against alpha/m, the next against alpha/(m − 1), ... until one fails)."""
+    order = sorted(pvalues, key=pvalues.get)
+    out, going = {}, True
+    for i, k in enumerate(order):
+        going = going and pvalues[k] <= alpha / (len(order) - i)
+        out[k] = going
+    return out
 
 
 def mean_ci(xs, level=0.95):
@@ -789,7 +814,47 @@ def distance(out: Path) -> str:
     return text
 
 
-EXTRAS = {"samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
+def collapsed(record, share=0.95):
+    """A run that predicts one class for (nearly) every test sentence: it learned the label prior, not the task."""
+    p = record.get("metrics", {}).get("final", {}).get("predicted_positive")
+    return p is not None and max(p, 1 - p) >= share
+
+
+def babyllama_extra(study, runs, chosen, out):
+    """The second model's diagnostics: collapse to one class, Holm over the pairs, the variance/bias ratio per
+    layer, how far A moves, and what its character tokenizer does to SST-2 (truncation, <unk>)."""
+    acc = report_scores(study, runs, chosen, "accuracy")
+    lines = ["## 4. Runs collapsed to one class (≥ 95% of test predictions the same label) and A's drift (largest "
+             "principal angle between the initial and final row spaces of A, mean over the 35 layers; mean ± 95% CI "
+             "over seeds)", "", "| cell | collapsed | A drift (degrees) |", "|---|---|---|"]
+    for c in study.cells:
+        recs = [r for s in study.seeds if (r := runs.get(run_name(c.name, chosen.get(c.group, 0), s, "report")))
+                and "metrics" in r]
+        if recs:
+            drift = mean_ci([r["metrics"]["A_drift_degrees"]["mean"] for r in recs])
+            lines.append(f"| {c.name} | {sum(map(collapsed, recs))} of {len(recs)} | {drift[0]:.1f} ± {drift[1]:.1f} |")
+    pairs = [(x, y) for x, y in study.pairs if x in acc and y in acc and len(set(acc[x]) & set(acc[y])) >= 2]
+    p = {f"{x} − {y}": paired_p(acc[x], acc[y]) for x, y in pairs}
+    adjusted = holm(p)
+    lines += ["", "## 5. The family of pairs above under Holm's correction (test accuracy, α = 0.05)", "",
+              "| a − b | Δ (points) | p (paired t) | unadjusted | Holm |", "|---|---|---|---|---|"]
+    for x, y in pairs:
+        k, (d, h, _) = f"{x} − {y}", paired(acc[x], acc[y])
+        lines.append(f"| {k} | {100 * d:+.2f} ± {100 * h:.2f} | {p[k]:.3f} | "
+                     f"{'resolved' if p[k] <= 0.05 else '–'} | {'resolved' if adjusted[k] else '–'} |")
+    rec = next((r for s in study.seeds if (r := runs.get(run_name("da", chosen.get("da", 0), s, "report")))
+                and "metrics" in r), None)
+    if rec:
+        m, rep = rec["metrics"], rec["metrics"]["init_report"]
+        r = ratios(rep, 1.0, 0.03)
+        lines += ["", "## 6. The variance term against the bias term at LoRA-DA's A0 (β = 0.03, N = the training set): "
+                  f"β·variance/(α·bias) over the 35 layers: median {np.median(r):.2e}, max {max(r):.2e}. "
+                  f"Truncated to the 256-character context: {m['truncated']}; characters outside the 105-piece "
+                  f"alphabet (read as <unk>, never a target): {m['unknown_tokens']}."]
+    return lines
+
+
+EXTRAS = {"babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
 
 
 def main(argv=None):

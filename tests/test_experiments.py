@@ -80,6 +80,21 @@ def test_the_runner_writes_skips_and_aggregates_and_selection_never_reads_the_te
     assert f"| da − lora | {100 * d:+.2f} ± {100 * h:.2f} |" in table and (tmp_path / "tiny.png").stat().st_size > 0
 
 
+def test_paired_p_values_and_holm_by_hand():
+    # differences 1, 1, 1, 2: t = 1.25 / (0.5 / √4) = 5 with 3 df, two-sided p = 0.0154 (tables)
+    assert E.paired_p({1: 3, 2: 4, 3: 5, 4: 7}, {1: 2, 2: 3, 3: 4, 4: 5}) == pytest.approx(0.0154, abs=2e-4)
+    # Holm at 0.05 over three: 0.01 <= 0.05/3 and 0.02 <= 0.05/2, but 0.06 > 0.05; a failure stops the rest,
+    # so 0.03 after a failed 0.026 (against 0.025) is not resolved although 0.03 <= 0.05
+    assert E.holm({"a": 0.01, "b": 0.02, "c": 0.06}) == {"a": True, "b": True, "c": False}
+    assert E.holm({"a": 0.01, "b": 0.026, "c": 0.03}) == {"a": True, "b": False, "c": False}
+
+
+def test_a_run_that_predicts_one_class_is_counted_as_collapsed():
+    run = lambda p: {"metrics": {"final": {"predicted_positive": p}}}
+    assert E.collapsed(run(0.97)) and E.collapsed(run(0.0)) and not E.collapsed(run(0.6))
+    assert not E.collapsed({"failed": "loss became nan"})
+
+
 def test_a_diverged_run_is_recorded_and_scores_worst():
     rec = {"failed": "loss became nan at step 3"}
     assert E.score(rec, "accuracy") == 0.0 and E.score(rec, "loss") == float("inf")
