@@ -9,6 +9,7 @@ legacy .bin, Meta's params.json + consolidated.NN.pth, Hugging Face folders, and
 import json
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Optional
@@ -24,13 +25,19 @@ from llama import ModelArgs, PRESETS, Transformer, add_lora, ffn_hidden_dim, lor
 
 def atomic_write(path, write, keep_previous=None):
     """write(tmp) writes the whole file to tmp; then it replaces path (and, with keep_previous, the old
-    path is first renamed to keep_previous, so a good file always exists). A failed write removes tmp."""
+    path is first renamed to keep_previous, so a good file always exists). A failed write removes tmp and
+    leaves path as it was; a full disk (or any failed write) says which file and how much space is left."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # ENOSPC, or torch's "PytorchStreamWriter failed writing"
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            free = shutil.disk_usage(path.parent).free / 2 ** 20
+            kept = " (the previous one is kept)" if path.exists() else ""
+            raise OSError(f"could not write {path}{kept}: {why}; {free:,.0f} MiB free there") from None
         raise
     if keep_previous is not None and path.is_file():
         os.replace(path, keep_previous)
@@ -124,8 +131,21 @@ def meta_args(p: dict, source, vocab_size: Optional[int] = None, tied: bool = Fa
         raise CheckpointError(f"{source}: missing key {e}")
 
 
+# config.json fields that change LLaMA's computation and are not implemented here: the values accepted
+HF_UNSUPPORTED = {"rope_scaling": (None,), "attention_bias": (None, False), "mlp_bias": (None, False),
+                  "hidden_act": (None, "silu"), "pretraining_tp": (None, 1)}
+
+
 def hf_args(c: dict, source, has_output: bool = True) -> ModelArgs:
-    """ModelArgs from a Hugging Face config.json: the one place it is parsed."""
+    """ModelArgs from a Hugging Face config.json: the one place it is parsed. A field that would change the
+    computation and is not implemented is refused by name, never ignored."""
+    for key, accepted in HF_UNSUPPORTED.items():
+        if c.get(key) not in accepted:
+            raise CheckpointError(f"{source}: {key} = {c[key]!r} is not implemented here (only "
+                                  f"{' or '.join(map(repr, accepted))}); this model would be computed wrongly")
+    if c.get("head_dim") not in (None, c.get("hidden_size", 0) // max(1, c.get("num_attention_heads", 1))):
+        raise CheckpointError(f"{source}: head_dim = {c['head_dim']} differs from hidden_size / num_attention_heads; "
+                              f"not implemented here")
     try:
         return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                          n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
@@ -299,12 +319,8 @@ def _read_hf(path: Path):
     st_files = sorted(path.glob("*.safetensors"))
     pt_files = sorted(path.glob("pytorch_model*.bin"))
     if st_files:
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CheckpointError(f"{path} holds .safetensors files: pip install safetensors to read them")
         for f in st_files:
-            raw.update(load_file(str(f)))
+            raw.update(load_safetensors(f))
     elif pt_files:
         for f in pt_files:
             raw.update(torch_load(f))
@@ -312,6 +328,10 @@ def _read_hf(path: Path):
         raise CheckpointError(f"{path}: config.json found but no *.safetensors or pytorch_model*.bin")
     shape = hf_args(cfg, path / "config.json")
     n_heads, n_kv = shape.n_heads, shape.n_kv_heads
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" in raw and not torch.equal(
+            raw["lm_head.weight"], raw.get("model.embed_tokens.weight", raw.get("embed_tokens.weight"))):
+        raise CheckpointError(f"{path / 'config.json'}: tie_word_embeddings is true but the files hold an lm_head.weight "
+                              f"that differs from embed_tokens.weight; set it false to use the separate output layer")
     sd = {}
     for k, v in raw.items():
         k = k.removeprefix("model.")
@@ -382,10 +402,27 @@ def _save_tensors(sd: dict, folder: Path, stem: str) -> Path:
     return atomic_write(folder / f"{stem}.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
 
 
+def load_safetensors(path: Path) -> dict:
+    """A .safetensors file's tensors; a damaged one is refused like a damaged pickle."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path} is a .safetensors file: pip install safetensors to read it")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a truncated header or body, random bytes
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable .safetensors file, or a damaged one ({first})")
+
+
 # -----------------------------------------------------------------------------
 # PEFT's adapter format for LlamaForCausalLM: adapter_config.json + adapter_model.safetensors (or .bin),
 # tensors named base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...
 PEFT_PREFIX = "base_model.model.model.layers."
+# adapter_config.json fields that change the computation and are not implemented: the values accepted
+PEFT_UNSUPPORTED = {"alpha_pattern": (None, {}), "rank_pattern": (None, {}), "use_dora": (None, False),
+                    "bias": (None, "none"), "fan_in_fan_out": (None, False), "lora_bias": (None, False),
+                    "modules_to_save": (None, []), "layers_to_transform": (None,)}
 
 
 def save_peft(model: nn.Module, folder, base_model: str = "", readme: str = ""):
@@ -442,12 +479,15 @@ def read_peft(folder, model: Transformer) -> dict:
     cfg = read_json(folder / "adapter_config.json")
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{folder}: adapter_config.json has peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
+    for key, value in PEFT_UNSUPPORTED.items():  # fields that change the computation, not implemented here
+        if cfg.get(key) not in value:
+            raise CheckpointError(f"{folder / 'adapter_config.json'}: {key} = {cfg[key]!r} is not supported here "
+                                  f"(only {' or '.join(map(repr, value))})")
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise CheckpointError(f"{folder / 'adapter_config.json'}: missing key {key!r}")
     if (folder / "adapter_model.safetensors").is_file():
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CheckpointError(f"{folder} holds adapter_model.safetensors: pip install safetensors to read it")
-        raw = load_file(str(folder / "adapter_model.safetensors"))
+        raw = load_safetensors(folder / "adapter_model.safetensors")
     elif (folder / "adapter_model.bin").is_file():
         raw = torch_load(folder / "adapter_model.bin")
     else:
@@ -467,6 +507,14 @@ def read_peft(folder, model: Transformer) -> dict:
         elif which == "lora_B" and meta == "attention.wk":
             v = hf_unpermute(v, n_kv)
         lora.setdefault(f"layers.{i}.{meta}", {})["A" if which == "lora_A" else "B"] = v.float()
+    half = sorted(n for n, ab in lora.items() if set(ab) != {"A", "B"})
+    if half:
+        raise CheckpointError(f"{folder}: layers with only one of lora_A, lora_B: {', '.join(half)}")
+    found = sorted({_META_NAMES[n.split(".", 2)[2]].rsplit(".", 1)[1] for n in lora})
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list) and sorted(targets) != found:
+        raise CheckpointError(f"{folder}: target_modules {sorted(targets)} in adapter_config.json, but the weights "
+                              f"hold {found}")
     return {"config": {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "rslora": cfg.get("use_rslora", False),
                        "targets": sorted({n.rsplit(".", 1)[1] for n in lora})},
             "lora": lora, "W0_shift": {}}
@@ -497,8 +545,10 @@ def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: b
     layers = lora_layers(model) or add_lora(model, cfg["r"], lora_alpha, cfg["targets"], cfg["rslora"],
                                             dropout=dropout, freeze_A=freeze_A)
     if set(layers) != set(state["lora"]):
-        raise ValueError(f"adapter layers {sorted(state['lora'])[:3]}... do not match the model's "
-                         f"{sorted(layers)[:3]}...")
+        missing, extra = sorted(set(layers) - set(state["lora"])), sorted(set(state["lora"]) - set(layers))
+        raise ValueError(f"the adapter does not fit the model: missing layers {missing[:4] or 'none'}"
+                         f"{' ...' if len(missing) > 4 else ''}, extra layers {extra[:4] or 'none'}"
+                         f"{' ...' if len(extra) > 4 else ''}")
     for n, m in layers.items():
         dev = m.lora_A.device
         if n in state.get("W0_shift", {}):

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -127,9 +128,16 @@ SETTINGS = {
 CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"),
            "dtype": tuple(llama.DTYPES), "token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg")}
 METHODS = lora_da.METHODS
-POSITIVE = ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank", "seeds", "init_samples", "lora_alpha")
-NON_NEGATIVE = ("weight_decay", "grad_clip", "dropout", "eval_interval", "max_len", "train_limit", "eval_limit",
-                "val_size", "train_size")
+# the settings train.py owns, by meaning (LoRA-DA's own are DAConfig's): name -> (test, what it must be)
+RANGES = {
+    **{n: (lambda v: v > 0, "positive") for n in ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank",
+                                                  "seeds", "init_samples", "lora_alpha", "log_interval")},
+    **{n: (lambda v: v >= 0, ">= 0 (0: off)") for n in ("weight_decay", "grad_clip", "eval_interval", "max_len",
+                                                        "train_limit", "eval_limit", "val_size", "train_size")},
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "warmup": (lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
+    "decode_limit": (lambda v: v >= -1, ">= -1 (-1: all)"),
+}
 
 
 class UsageError(ValueError):
@@ -164,14 +172,16 @@ def get_args(argv=None):
     for name, value in vars(cfg).items():  # NaN passes every comparison below: refuse it first
         if isinstance(value, float) and not math.isfinite(value) and name not in da_fields:
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for names, ok, what in ((POSITIVE, lambda v: v > 0, "positive"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
-        for name in names:
-            if not ok(getattr(cfg, name)):
-                p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
-    if cfg.decode_limit < -1:
-        p.error(f"--decode-limit must be >= -1 (-1: all), got {cfg.decode_limit}")
-    if not 0 <= cfg.warmup < 1:
-        p.error(f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}")
+    for name, (ok, what) in RANGES.items():
+        if not ok(getattr(cfg, name)):
+            p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
+    if cfg.init_data and not cfg.init_only:
+        p.error("--init-data gives samples for the initialization only: add --init-only (training needs a task)")
+    if not cfg.dry_run:
+        try:
+            llama.resolve_device(cfg.device)
+        except ValueError as e:
+            p.error(str(e))
     try:
         init_config(cfg, cfg.seed, 1)
     except lora_da.SettingError as e:
@@ -764,6 +774,17 @@ class Clock:
         m["tokens_per_second"] = m["train_tokens"] / max(m["train_seconds"], 1e-9)
 
 
+def data_counts(task, metrics, log):
+    """What the data lost on its way in, per split, logged and in metrics.json: never silent."""
+    metrics["truncated"], metrics["unknown_tokens"] = dict(task.truncated), dict(task.unknown)
+    if any(task.truncated.values()):
+        log(f"truncated to --max-len {task.max_len} from the left of the prompt: " +
+            ", ".join(f"{n} {split}" for split, n in task.truncated.items() if n) + " examples")
+    if any(task.unknown.values()):
+        log("characters outside the tokenizer's alphabet, read as <unk> (never a target): " +
+            ", ".join(f"{n} in {split}" for split, n in task.unknown.items() if n))
+
+
 def finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, log):
     """The final evaluation, how far A moved, and the run's totals."""
     clock.t_done = time.perf_counter()  # the training loop's clock stops here
@@ -773,13 +794,7 @@ def finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, l
         metrics["final_step"] = step
         metrics["evals"].append({"step": step, **metrics["final"]})
     task = setup.task
-    metrics["truncated"], metrics["unknown_tokens"] = dict(task.truncated), dict(task.unknown)
-    if any(task.truncated.values()):
-        log(f"truncated to --max-len {task.max_len} from the left of the prompt: " +
-            ", ".join(f"{n} {split}" for split, n in task.truncated.items() if n) + " examples")
-    if any(task.unknown.values()):
-        log("characters outside the tokenizer's alphabet, read as <unk> (never a target): " +
-            ", ".join(f"{n} in {split}" for split, n in task.unknown.items() if n))
+    data_counts(task, metrics, log)
     total = metrics["init_seconds"] + metrics["train_seconds"]
     metrics["init_share"] = metrics["init_seconds"] / total if total else 0.0
     metrics["history"] = history
@@ -839,6 +854,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         step, history = 0, {"step": [], "loss": []}
         metrics = initialize(cfg, model, method, seed, N, setup, out_dir, log)
         if cfg.init_only:  # hand the initialization to another trainer: no training here
+            data_counts(task, metrics, log)
             write_outputs(cfg, model, setup, out_dir, config, metrics, log)
             return metrics
 
@@ -984,17 +1000,68 @@ def main(argv=None):
         out = Path(cfg.out_dir)
         multi = len(cfg.methods) > 1 or cfg.seeds > 1
         check_writable(out)
-        setup = load(cfg)  # tokenizer, model and data once; every run copies the model
-        results = {}
-        for method in cfg.methods:
-            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-                run_dir = out / f"{method}-s{seed}" if multi else out
-                results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup))
-        if multi:
-            print(compare(results, out, cfg))
+        release = lock(out)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where a shell started us ignoring it
+        signal.signal(signal.SIGTERM, terminated)  # SIGTERM ends like Ctrl-C: one line, the checkpoint intact
+        try:
+            setup = load(cfg)  # tokenizer, model and data once; every run copies the model
+            results = {}
+            for method in cfg.methods:
+                for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+                    run_dir = out / f"{method}-s{seed}" if multi else out
+                    results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup))
+            if multi:
+                print(compare(results, out, cfg))
+        finally:
+            release()
     except (ValueError, FileNotFoundError, OSError) as e:  # UsageError and checkpoints.CheckpointError are ValueErrors
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as e:
+        latest = max(Path(cfg.out_dir).rglob("ckpt.pt"), key=lambda f: f.stat().st_mtime, default=None)
+        saved = (f"the latest checkpoint is {latest} (step {torch.load(latest, weights_only=True)['step']}); "
+                 f"continue with the same command and --resume") if latest else "no checkpoint was written yet"
+        print(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'}): {saved}", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, like KeyboardInterrupt for SIGINT."""
+
+
+def terminated(signum, frame):
+    raise Terminated()
+
+
+def lock(out: Path):
+    """One writer per output folder: OUT/.lock, created exclusively, holds the writer's pid; a lock whose
+    process is gone (killed) is taken over. Returns the release, which also removes a folder this run
+    created and left empty (a refused run leaves nothing behind)."""
+    created, path = not out.exists(), out / ".lock"
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip())
+                os.kill(pid, 0)  # raises if no such process
+            except (ValueError, OSError) as e:  # unreadable, or its process is gone: a stale lock
+                if isinstance(e, PermissionError):  # the process exists, it is someone else's
+                    raise UsageError(f"--out-dir {out} is in use by process {pid} ({path}); use another --out-dir")
+                path.unlink(missing_ok=True)
+                continue
+            raise UsageError(f"--out-dir {out} is in use by process {pid} ({path}); wait for it to finish or use "
+                             f"another --out-dir")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+
+    def release():
+        path.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    return release
 
 
 if __name__ == "__main__":

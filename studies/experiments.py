@@ -768,7 +768,7 @@ def distance(out: Path) -> str:
         res = {}
         for label, args in tasks.items():
             report, _ = init_only(args, "da", out)
-            cfg = train.get_args(list(args))
+            cfg = train.get_args(list(args) + ["--init-only"])
             layers = report["layers"].values()
             res[label] = {"nll": base_nll(_setup(cfg, lambda *a: None)),
                           "rel_shift": [v["dW_fro"] / v["W0_fro"] for v in layers],

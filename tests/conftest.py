@@ -7,7 +7,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))  # as CI: 2 cores; also keeps results reproducible
+# as CI: 2 cores (or $OMP_NUM_THREADS, to run beside other jobs without oversubscribing the cores)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 
 def data_dir() -> Path:

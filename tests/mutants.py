@@ -47,6 +47,8 @@ MUTANTS = [  # name, file, the exact original text, its replacement
      "    return canonical_signs(V[:, :r]), \"eigh\"", "    return canonical_signs(V[:, -r:]), \"eigh\""),
     ("gamma applied once instead of split between A and B", "lora_da.py",
      "    lora_A = A0.T / math.sqrt(cfg.gamma)", "    lora_A = A0.T"),
+    ("a rounded rank-deficient Z damped without clipping its negative eigenvalues", "lora_da.py",
+     "(V * evals.clamp_min(0)) @ V.T + damping * eye", "(V * evals) @ V.T + damping * eye"),
 ]
 
 

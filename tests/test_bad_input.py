@@ -1,12 +1,15 @@
 """Bad input, as a table: each row is a command (train.py or llama.py) with one thing wrong, the exit it must
 end with, and a fragment of the one-line message that says what was expected. No row may end in a traceback,
 and no refused run may leave an output folder behind."""
+import copy
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -56,6 +59,19 @@ def bad(tmp_path_factory, data):
         shutil.copy(data / "sst2" / "dev.tsv", d / name / "sst2" / "dev.tsv")
     (d / "empty_data").mkdir()
     (d / "a_file").write_text("x")
+    # Hugging Face folders of the real model with one field this project does not implement
+    import checkpoints
+    stories = checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin")
+    for name, change in {"rope_scaling": {"rope_scaling": {"type": "linear", "factor": 4.0}},
+                         "attention_bias": {"attention_bias": True}, "tied_but_lm_head": {"tie_word_embeddings": True},
+                         "gelu": {"hidden_act": "gelu"}}.items():
+        checkpoints.save_hf_checkpoint(stories, d / name)
+        config = json.loads((d / name / "config.json").read_text())
+        (d / name / "config.json").write_text(json.dumps({**config, **change}))
+        if name == "tied_but_lm_head":  # a separate output layer that tie_word_embeddings would silently drop
+            sd = torch.load(d / name / "pytorch_model.bin", weights_only=True)
+            torch.save({**sd, "lm_head.weight": sd["model.embed_tokens.weight"] + 1}, d / name / "pytorch_model.bin")
+    (d / "long.txt").write_text("once upon a time " * 3000 + "\nthe end\n")  # one line of ~12k tokens
     return d
 
 
@@ -103,6 +119,19 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("prompt fills the context", "llama.py", ["--prompt", "Once upon a time " * 200], "fills the model's context of 512"),
     ("device cuda", "train.py", ["--device", "cuda"] + FAST, "no CUDA device"),
     ("device cuda (llama)", "llama.py", ["--device", "cuda"], "no CUDA device"),
+    ("device foo", "train.py", ["--device", "foo"], "--device 'foo' is not a device"),
+    ("device foo (llama)", "llama.py", ["--device", "foo"], "--device 'foo' is not a device"),
+    ("dropout 1", "train.py", ["--dropout", "1.0"], "--dropout must be a probability in [0, 1), got 1.0"),
+    ("dropout 1.5", "train.py", ["--dropout", "1.5"], "--dropout must be a probability in [0, 1), got 1.5"),
+    ("lora-alpha 0", "train.py", ["--lora-alpha", "0"], "--lora-alpha must be positive, got 0.0"),
+    ("lora-alpha -1", "train.py", ["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
+    ("init-data without init-only", "train.py", ["--init-data", "{bad}/long.txt"], "add --init-only"),
+    ("HF rope_scaling", "llama.py", ["--checkpoint", "{bad}/rope_scaling"], "rope_scaling = {{'type': 'linear'"),
+    ("HF attention_bias", "train.py", ["--checkpoint", "{bad}/attention_bias", "--tokenizer", "{data}/" + TOK] + FAST,
+     "attention_bias = True is not implemented"),
+    ("HF hidden_act", "llama.py", ["--checkpoint", "{bad}/gelu"], "hidden_act = 'gelu' is not implemented"),
+    ("HF tied but lm_head", "llama.py", ["--checkpoint", "{bad}/tied_but_lm_head"],
+     "tie_word_embeddings is true but the files hold an lm_head.weight"),
 ]
 
 
@@ -177,3 +206,143 @@ def test_help_shows_every_default():
         options = [w for w in r.stdout.split() if w.startswith("--") and w not in ("--help",)]
         assert text.count("(default:") >= len({o.split("=")[0] for o in options if not o.startswith("--no-")}) // 2
     assert "(default: 0.03)" in " ".join(cli("train.py", "--help").stdout.split())
+
+
+# --- PEFT adapters that would load wrong: refused by name -------------------------------------
+
+def peft_folder(tmp_path, stories, change=None, drop=None, add=None):
+    import checkpoints
+    import llama
+    model = copy.deepcopy(stories)
+    llama.add_lora(model, r=4, lora_alpha=8, targets=("wq", "w2"))
+    folder = checkpoints.save_peft(model, tmp_path / "peft")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(change or {})
+    for k in [k for k in config if change and change.get(k) == "DELETE"]:
+        del config[k]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    st = folder / "adapter_model.safetensors"  # written when safetensors is installed, else adapter_model.bin
+    sd = checkpoints.load_safetensors(st) if st.is_file() else torch.load(folder / "adapter_model.bin", weights_only=True)
+    sd = {k: v for k, v in sd.items() if not (drop and drop in k)}
+    for key, shape in (add or {}).items():
+        sd[key] = torch.zeros(shape)
+    if st.is_file():
+        from safetensors.torch import save_file
+        save_file(sd, str(st))
+    else:
+        torch.save(sd, folder / "adapter_model.bin")
+    return folder
+
+
+PEFT_ROWS = [  # id, what is changed, the message fragment
+    ("alpha_pattern", dict(change={"alpha_pattern": {"q_proj": 32}}), "alpha_pattern = {'q_proj': 32} is not supported"),
+    ("rank_pattern", dict(change={"rank_pattern": {"q_proj": 2}}), "rank_pattern = {'q_proj': 2} is not supported"),
+    ("use_dora", dict(change={"use_dora": True}), "use_dora = True is not supported"),
+    ("no lora_alpha", dict(change={"lora_alpha": "DELETE"}), "missing key 'lora_alpha'"),
+    ("target_modules", dict(change={"target_modules": ["q_proj", "k_proj"]}),
+     "target_modules ['k_proj', 'q_proj'] in adapter_config.json, but the weights hold ['down_proj', 'q_proj']"),
+    ("a layer without lora_B", dict(drop="layers.1.mlp.down_proj.lora_B"),
+     "only one of lora_A, lora_B: layers.1.feed_forward.w2"),
+    ("an extra layer", dict(add={"base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": (4, 64),
+                                 "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": (32, 4)}),
+     "but the weights hold ['down_proj', 'q_proj', 'v_proj']"),
+]
+
+
+@pytest.mark.parametrize("row", PEFT_ROWS, ids=[r[0] for r in PEFT_ROWS])
+def test_a_peft_adapter_that_would_load_wrong_is_refused_by_name(row, stories, tmp_path):
+    import checkpoints
+    name, change, fragment = row
+    folder = peft_folder(tmp_path, stories, **change)
+    with pytest.raises(ValueError) as e:
+        checkpoints.load_lora(copy.deepcopy(stories), folder)
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_an_adapter_for_other_layers_names_the_missing_and_the_extra_ones(stories):
+    import checkpoints
+    import llama
+    model = copy.deepcopy(stories)
+    llama.add_lora(model, r=4, lora_alpha=8, targets=("wq",))
+    state = llama.lora_state(model)
+    state["lora"]["layers.0.attention.wk"] = state["lora"].pop("layers.4.attention.wq")
+    with pytest.raises(ValueError, match=r"missing layers \['layers.4.attention.wq'\], extra layers "
+                                         r"\['layers.0.attention.wk'\]"):
+        checkpoints.load_lora(model, state)
+
+
+# --- faults: interrupts, a full disk, a second writer, a long custom sample ----------------
+
+LONG = FAST[:4] + ["--steps", "400", "--batch-size", "4", "--init-samples", "4", "--stats-batch-size", "4",
+                   "--eval-interval", "5", "--eval-limit", "8", "--log-interval", "5", "--init", "lora"]
+
+
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_an_interrupt_ends_in_one_line_with_the_checkpoint_intact(tmp_path, data, sig, code, name):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "train.py", *LONG, "--out-dir", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(sig)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted ({name}): the latest checkpoint is"), err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]  # intact: it loads
+    assert f"(step {step})" in lines[0] and "--resume" in lines[0]
+    assert not list(out.glob("*.tmp")) and not (out / ".lock").exists()
+
+
+def test_a_full_disk_names_the_file_keeps_the_previous_one_and_leaves_no_temp(tmp_path, monkeypatch):
+    import checkpoints
+    path = tmp_path / "ckpt.pt"
+    checkpoints.atomic_save({"step": 3}, path)
+    def full(obj, f):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    with pytest.raises(OSError) as e:
+        checkpoints.atomic_save({"step": 6}, path, keep_previous=tmp_path / "ckpt.prev.pt")
+    assert str(e.value).startswith(f"could not write {path} (the previous one is kept): ") and "MiB free there" in str(e.value)
+    assert torch.load(path, weights_only=True) == {"step": 3} and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_second_writer_on_the_same_out_dir_is_refused_and_a_stale_lock_is_taken_over(tmp_path, data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getpid()))  # a live process holds it: this test
+    r = cli("train.py", *FAST, "--init", "lora", "--out-dir", str(out))
+    assert r.returncode == 2 and f"is in use by process {os.getpid()}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / ".lock").write_text(str(gone.pid))  # its process has exited: a stale lock
+    r = cli("train.py", *FAST, "--init", "lora", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "metrics.json").is_file() and not (out / ".lock").exists()
+
+
+def test_a_custom_init_sample_cut_to_max_len_is_counted(tmp_path, bad, data):
+    r = cli("train.py", "--init", "da", "--init-only", "--init-data", str(bad / "long.txt"), "--max-len", "64",
+            "--stats-batch-size", "2", "--out-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert "truncated to --max-len 64 from the left of the prompt: 1 train examples" in r.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["truncated"]["train"] == 1
+
+
+def test_a_damaged_safetensors_file_is_refused_like_a_damaged_pickle(stories, tmp_path):
+    pytest.importorskip("safetensors")
+    import checkpoints
+    import llama
+    checkpoints.save_hf_checkpoint(stories, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # cut mid-tensor
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable .safetensors file, or a damaged one"):
+        checkpoints.load_checkpoint(tmp_path / "hf")
+    model = copy.deepcopy(stories)
+    llama.add_lora(model, r=4, lora_alpha=8)
+    folder = checkpoints.save_peft(model, tmp_path / "peft")
+    (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not js")
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: not a readable .safetensors file"):
+        checkpoints.load_lora(copy.deepcopy(stories), folder)

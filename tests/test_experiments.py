@@ -164,7 +164,7 @@ def test_a_worker_reuses_its_loaded_data_only_for_the_same_data_settings(monkeyp
     monkeypatch.setattr(train, "load", lambda cfg, log: object())
     base = train.get_args([])
     assert E._setup(base, None) is E._setup(train.get_args(["--lr", "1"]), None)  # not a data setting
-    for change in (["--train-size", "64"], ["--init-data", "x.txt"], ["--val-size", "10"], ["--train-limit", "9"],
+    for change in (["--train-size", "64"], ["--init-data", "x.txt", "--init-only"], ["--val-size", "10"], ["--train-limit", "9"],
                    ["--max-len", "64"], ["--eval-limit", "5"], ["--task", "gsm8k"], ["--no-test-eval"],
                    ["--model", "babyllama936K"], ["--tokenizer", "t.model"]):
         assert E._setup(train.get_args(change), None) is not E._setup(base, None), change
