@@ -177,12 +177,16 @@ class Statistics:
 
 
 def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, batch_size: int = 1,
-                    token_mask: str = "all", y_full: bool = False, factors: bool = True) -> Statistics:
+                    token_mask: str = "all", y_full: bool = False, factors: bool = True,
+                    reduce: Callable = None) -> Statistics:
     """Eq. 4: G = E_s[∇_W L_s], Z = E_t[x xᵀ], Y = E_t[g gᵀ] with g = ∂L_s/∂h at token t.
 
     samples: list of dicts of tensors (one sample each, no batch dim); loss_fn(model, batch) -> (bsz,)
     per-sample losses. batch_size=1 is the explicit per-sample loop; a larger batch gives the same
-    numbers because sample i's outputs enter only L_i, so ∂(Σ_j L_j)/∂h_i = ∂L_i/∂h_i."""
+    numbers because sample i's outputs enter only L_i, so ∂(Σ_j L_j)/∂h_i = ∂L_i/∂h_i.
+    reduce: over several processes, each with its share of the samples, sums a tensor across them in
+    place (torch.distributed.all_reduce): the sums are what add up, so every process gets the statistics
+    of all the samples, as one process would compute them (up to the order of the float sums)."""
     if len(samples) == 0:
         raise ValueError("empty sample set: LoRA-DA needs at least one target sample")
     device = next(model.parameters()).device
@@ -231,7 +235,18 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
                 # Y += Σ_t g_t g_tᵀ (or its diagonal Σ_t g_t²)
                 Y[name] = Y.get(name, 0) + (gm.T @ gm if y_full else (gm * gm).sum(0))
             io.clear()
-    stats = Statistics(G={k: v / len(samples) for k, v in G.items()}, n_tokens=n_tokens)
+    n_samples = len(samples)
+    if reduce is not None:  # Σ over the processes' shares: counts, G, and the factors (in a fixed order)
+        counts = torch.tensor([n_samples, n_tokens], dtype=torch.float64, device=device)
+        reduce(counts)
+        n_samples, n_tokens = int(counts[0]), int(counts[1])
+        for name in names:  # the same layers, in the same order, on every process
+            reduce(G[name])
+            if factors:
+                if z_owner[name] == name:
+                    reduce(Z[name])
+                reduce(Y[name])
+    stats = Statistics(G={k: v / n_samples for k, v in G.items()}, n_tokens=n_tokens)
     if factors:
         if n_tokens == 0:
             raise ValueError("no counted tokens: every token was masked out (check token_mask and the masks)")
@@ -567,9 +582,12 @@ SAMPLES_USED = {"ga": "ga_samples", "one": "one_samples"}  # the peers' own samp
 
 
 def initialize(model, method: str, samples: list = None, loss_fn: Callable = causal_lm_losses,
-               cfg: DAConfig = None, log: Callable = None) -> dict:
+               cfg: DAConfig = None, log: Callable = None, shard=(0, 1), reduce: Callable = None) -> dict:
     """Write the chosen initialization into every LoRA layer of `model`; returns a report.
-    All factors are computed first and written last, so an error leaves the model untouched."""
+    All factors are computed first and written last, so an error leaves the model untouched.
+    shard (rank, world) and reduce: over several processes, each takes every world-th sample of those the
+    method uses and the statistics are summed across them (kfac_statistics); every process then solves
+    the same problem, seeded per layer, so all end with the same factors."""
     cfg = cfg or DAConfig()
     log = log or (lambda *a: None)
     layers = lora_targets(model)
@@ -599,12 +617,15 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
         report["seconds"].update(statistics=0.0, solve=0.0)
         used = samples[:getattr(cfg, SAMPLES_USED[method])] if method in SAMPLES_USED else samples
         report["samples"] = len(used)
+        if len(used) < shard[1]:
+            raise ValueError(f"{len(used)} samples for {method} cannot be shared by {shard[1]} processes")
         groups = layer_groups(list(layers), cfg.layers_per_pass)
         for gi, names in enumerate(groups):
             t1 = time.perf_counter()
             group = {name: layers[name] for name in names}
-            stats = kfac_statistics(model, used, loss_fn, group, batch_size=cfg.stats_batch_size,
-                                    token_mask=cfg.token_mask, y_full=cfg.y_full, factors=(method == "da"))
+            stats = kfac_statistics(model, used[shard[0]::shard[1]], loss_fn, group, batch_size=cfg.stats_batch_size,
+                                    token_mask=cfg.token_mask, y_full=cfg.y_full, factors=(method == "da"),
+                                    reduce=reduce)
             t2 = time.perf_counter()
             report["seconds"]["statistics"] += t2 - t1
             for name in names:

@@ -495,19 +495,21 @@ def gib(nbytes):
 # the pieces of a run, each a plain function of what it uses
 
 @torch.no_grad()
-def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode_limit=-1):
+def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode_limit=-1, dist=None):
     """Loss on the answer tokens of a split; accuracy (sst2: the label word whose first token is more likely
     wins, or, where both words begin with the same token, the word with the larger log-probability summed
     over its tokens; gsm8k: greedy decoding, exact match of the final number, only when decode). Batches
-    are formed in length order (less padding); each example's numbers do not depend on its batch."""
+    are formed in length order (less padding); each example's numbers do not depend on its batch. Over
+    several processes (dist), each scores every world-th example and the sums are all-reduced."""
+    dist = dist or Dist()
     rows = getattr(task, split)
     if not rows:
         return None
     was_training = model.training
     model.eval()
     losses, correct, positive = [0.0] * len(rows), 0, 0
-    order = sorted(range(len(rows)), key=lambda j: task.length(split, j))
-    for i in range(0, len(rows), batch_size):
+    order = sorted(range(len(rows)), key=lambda j: task.length(split, j))[dist.rank::dist.world]
+    for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         b = {k: v.to(device) for k, v in task.batch(split, idx, tok.pad_id).items()}
         scored = b["targets"] != -100                                  # (B, T)
@@ -529,7 +531,7 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
     n_decoded = len(rows) if task.name == "sst2" or decode_limit < 0 else min(decode_limit, len(rows))
     decode = decode and n_decoded > 0
     if task.name == "gsm8k" and decode:
-        for j in range(n_decoded):
+        for j in range(dist.rank, n_decoded, dist.world):
             prompt, _ = task.encode(split, j)
             room = min(256, model.args.max_seq_len - len(prompt))
             new = list(model.generate(torch.tensor([prompt], device=device), room, 0.0,
@@ -537,6 +539,9 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
             pred, gold = final_number(tok.decode(new)), final_number(rows[j][1])
             correct += int(pred is not None and pred == gold)
     model.train(was_training)
+    if dist.world > 1:  # every example was scored by one process: the sums are the one-process sums
+        sums = dist.sum_(torch.tensor(losses + [correct, positive], dtype=torch.float64, device=device)).tolist()
+        losses, correct, positive = sums[:len(rows)], int(sums[-2]), int(sums[-1])
     decoded = task.name == "sst2" or decode
     return {"accuracy": correct / n_decoded if decoded else None, "loss": sum(losses) / len(losses),
             **({"decoded": n_decoded} if task.name == "gsm8k" and decoded else {}),
@@ -607,6 +612,52 @@ def resolved(cfg, method, seed, N, data_dir=None):
     return d
 
 
+# -----------------------------------------------------------------------------
+# several processes (torchrun): the init samples, each batch and each evaluation are split across them, and
+# the sums are all-reduced, so every process holds what one process would compute (up to float order)
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):  # the process that logs and writes files
+        return self.rank == 0
+
+    def sum_(self, t):
+        """Sum a tensor over the processes, in place (all-reduce); returns it."""
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+
+def start_dist(cfg) -> Dist:
+    """torchrun sets WORLD_SIZE and RANK; a plain `python train.py` has neither and runs alone, without
+    torch.distributed. NCCL between GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if llama.resolve_device(cfg.device).startswith("cuda") else "gloo"
+    torch.distributed.init_process_group(backend)
+    if cfg.batch_size % world or cfg.init_samples < world:
+        raise UsageError(f"--batch-size {cfg.batch_size} and --init-samples {cfg.init_samples} must share evenly "
+                         f"over {world} processes (batch size a multiple of {world})")
+    return Dist(torch.distributed.get_rank(), world)
+
+
+def reduce_step(dist, params, loss, tokens):
+    """The gradient, loss and token count of the whole global batch: each process backpropagated its share
+    with the one-process scale 1/per_step, so the sums over processes are the one-process numbers."""
+    if dist.world == 1:
+        return loss, tokens
+    grads = dist.sum_(torch.cat([p.grad.flatten() for p in params]))  # one all-reduce for every LoRA factor
+    for p, g in zip(params, grads.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+    loss, tokens = dist.sum_(torch.tensor([loss, tokens], dtype=torch.float64, device=grads.device)).tolist()
+    return loss, int(tokens)
+
+
 # settings a resumed run may change: they change what is logged or written, never the numbers
 RESUMABLE = ("resume", "out_dir", "log_interval", "eval_interval", "save_merged", "merged_format", "export_peft",
              "download")
@@ -636,10 +687,14 @@ class Setup:
     device: str
     checkpoint: Path
     data_dir: Path
+    dist: "Dist" = None
 
 
-def load(cfg, log=print) -> Setup:
+def load(cfg, log=print, dist=None) -> Setup:
+    dist = dist or Dist()
     device = llama.resolve_device(cfg.device)
+    if device == "cuda" and dist.world > 1:  # one GPU per process, as torchrun numbers them
+        device = f"cuda:{os.environ.get('LOCAL_RANK', dist.rank)}"
     needed = [] if cfg.init_data else [f"{cfg.task}/{f}" for f in TASK_FILES[cfg.task][1]]
     model_file, tok_file = llama.MODELS[cfg.model]
     needed += [model_file] * (cfg.checkpoint is None) + [tok_file] * (cfg.tokenizer is None)
@@ -654,7 +709,7 @@ def load(cfg, log=print) -> Setup:
     task = Task(cfg, tok, data_dir, base.args.max_seq_len, read_init_data(cfg.init_data) if cfg.init_data else None)
     log(f"{ckpt_path.name}: {base.num_params():,} parameters on {device} ({cfg.dtype}); {cfg.task}: "
         f"{len(task.train)} train, {len(task.val)} validation, {len(task.test)} test")
-    return Setup(tok, base, task, device, ckpt_path, data_dir)
+    return Setup(tok, base, task, device, ckpt_path, data_dir, dist)
 
 
 def accuracy(ev):
@@ -680,7 +735,8 @@ def evaluate_splits(cfg, model, setup, decode=True, periodic=False):
     """The test split's numbers at the top level (the validation split's under --no-test-eval), with
     "split" naming it; the validation split's under "val" too, except in periodic evaluations."""
     def ev(split):
-        return evaluate(model, setup.task, split, setup.tok, setup.device, decode, decode_limit=cfg.decode_limit)
+        return evaluate(model, setup.task, split, setup.tok, setup.device, decode, decode_limit=cfg.decode_limit,
+                        dist=setup.dist)
     test = ev("test")
     val = None if periodic and test else ev("val")
     if test is None:
@@ -697,10 +753,13 @@ def initialize(cfg, model, method, seed, N, setup, out_dir, log):
     # statistics from the head of the training set, as the authors take them
     t0 = time.perf_counter()
     samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id) if method in ("ga", "one", "da") else None
-    report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log)
+    d = setup.dist or Dist()
+    report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log, shard=(d.rank, d.world),
+                                reduce=d.sum_ if d.world > 1 else None)
     metrics["init_seconds"], metrics["init_report"] = time.perf_counter() - t0, report
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
-    checkpoints.save_lora(model, out_dir / "init_adapter.pt")  # the init alone, reusable and convertible
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
+        checkpoints.save_lora(model, out_dir / "init_adapter.pt")  # the init alone, reusable and convertible
     if not cfg.init_only:
         # step 0: after the initialization, before any update (LoRA-DA and LoRA-One already moved the model)
         metrics["step0"] = evaluate_splits(cfg, model, setup)
@@ -839,6 +898,8 @@ def write_outputs(cfg, model, setup, out_dir, config, metrics, log, history=None
 def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     """One method, one seed: load -> LoRA -> init (or resume) -> the loop -> outputs; returns the metrics."""
     setup = setup or load(cfg, log)
+    d = setup.dist or Dist()
+    log = log if d.main else (lambda *a: None)  # one process speaks
     task, N, t_start = setup.task, len(setup.task.train), time.perf_counter()
     torch.manual_seed(seed)  # LoRA's random A comes from here: the same seed, the same init
     log(f"[{method} seed {seed}] -> {out_dir}")
@@ -855,7 +916,8 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         metrics = initialize(cfg, model, method, seed, N, setup, out_dir, log)
         if cfg.init_only:  # hand the initialization to another trainer: no training here
             data_counts(task, metrics, log)
-            write_outputs(cfg, model, setup, out_dir, config, metrics, log)
+            if d.main:
+                write_outputs(cfg, model, setup, out_dir, config, metrics, log)
             return metrics
 
     # the loop: AdamW on the LoRA factors; step k always sees the same batch of the seeded data order
@@ -866,12 +928,16 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
         lr = get_lr(step, cfg.lr, cfg.steps, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):  # the loss of a step: the mean over its per_step sequences
             idx = batch_indices(step * per_step + micro * cfg.batch_size, cfg.batch_size, seed, N, perms)
-            # each sequence's loss is a sum over its answer tokens; scaled by 1/per_step, the grads accumulate
-            loss, tokens = backward_on_batch(model, task, idx, setup.tok, setup.device, cfg.length_groups, 1 / per_step)
-            loss_sum, clock.tokens = loss_sum + loss, clock.tokens + tokens
+            # each sequence's loss is the mean over its answer tokens; scaled by 1/per_step, the grads accumulate;
+            # several processes each take every world-th sequence of the same global batch
+            loss, n = backward_on_batch(model, task, idx[d.rank::d.world], setup.tok, setup.device, cfg.length_groups,
+                                        1 / per_step)
+            loss_sum, tokens = loss_sum + loss, tokens + n
+        loss_sum, tokens = reduce_step(d, params, loss_sum, tokens)
+        clock.tokens += tokens
         if not math.isfinite(loss_sum):
             raise UsageError(f"loss became {loss_sum} at step {step}; lower --lr (now {cfg.lr:g}) or check the data"
                              + (f"; the last good checkpoint is {ckpt_file}" if ckpt_file.is_file() else ""))
@@ -892,11 +958,13 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
             metrics["evals"].append({"step": step, **ev})
             log(f"eval step {step}: accuracy {accuracy(ev)}, loss {ev['loss']:.4f}")
             clock.totals()
-            save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
+            if d.main:
+                save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
 
     finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, log)
-    save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
-    write_outputs(cfg, model, setup, out_dir, config, metrics, log, history)
+    if d.main:
+        save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
+        write_outputs(cfg, model, setup, out_dir, config, metrics, log, history)
     return metrics
 
 
@@ -999,21 +1067,25 @@ def main(argv=None):
             return
         out = Path(cfg.out_dir)
         multi = len(cfg.methods) > 1 or cfg.seeds > 1
-        check_writable(out)
-        release = lock(out)
+        dist = start_dist(cfg)  # alone, unless torchrun started several of us
+        if dist.main:
+            check_writable(out)
+        release = lock(out) if dist.main else (lambda: None)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where a shell started us ignoring it
         signal.signal(signal.SIGTERM, terminated)  # SIGTERM ends like Ctrl-C: one line, the checkpoint intact
         try:
-            setup = load(cfg)  # tokenizer, model and data once; every run copies the model
+            setup = load(cfg, print if dist.main else (lambda *a: None), dist)  # once; every run copies the model
             results = {}
             for method in cfg.methods:
                 for seed in range(cfg.seed, cfg.seed + cfg.seeds):
                     run_dir = out / f"{method}-s{seed}" if multi else out
                     results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup))
-            if multi:
+            if multi and dist.main:
                 print(compare(results, out, cfg))
         finally:
             release()
+            if dist.world > 1:
+                torch.distributed.destroy_process_group()
     except (ValueError, FileNotFoundError, OSError) as e:  # UsageError and checkpoints.CheckpointError are ValueErrors
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
