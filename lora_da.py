@@ -466,6 +466,46 @@ def lora_da_factors(G, Z, Y, r, cfg: DAConfig, *, seed=0):
 
 
 # =============================================================================
+# theory.md §11, Eq. 16. The subspace the excess risk prescribes: LoRA-DA's scale and step, another direction
+# =============================================================================
+
+def inverse_sqrt(S, damping):
+    """(S + λI)^(-1/2) of a symmetric positive semi-definite factor, in fp64 (a vector: its diagonal)."""
+    S = S.double()
+    if S.dim() == 1:
+        return (S + damping).rsqrt()
+    evals, V = torch.linalg.eigh((S + S.T) / 2)
+    return (V * (evals.clamp_min(0) + damping).rsqrt()) @ V.T
+
+
+def whitened_gradient_subspace(G, Z, Y, r, damping):
+    r"""Eq. 16: the rows of A that minimize the excess-risk bias of LoRA-FA span $Z^{-1/2} V_r$, with $V_r$ the
+    top-r right singular vectors of the Fisher-whitened gradient $Y^{-1/2} G Z^{-1/2}$. Returns A0 (d_in, r),
+    orthonormal: the same subspace, in the form LoRA-DA's factors take (Eq. 11)."""
+    Zih, Yih = inverse_sqrt(Z, damping), inverse_sqrt(Y, damping)
+    # M = Y^(-1/2) G Z^(-1/2)   (= −Y^(1/2) ΔW Z^(1/2) in the linear-Gaussian model)
+    M = (Yih[:, None] * G.double() if Yih.dim() == 1 else Yih @ G.double()) @ Zih
+    V_r = torch.linalg.svd(M, full_matrices=False)[2][:r].T          # (d_in, r)
+    A0, _ = torch.linalg.qr(Zih @ V_r)                                 # span Z^(-1/2) V_r, orthonormal
+    return canonical_signs(A0)
+
+
+def whitened_solve(G, Z, Y, r, cfg: DAConfig, *, name=""):
+    """LoRA-DA's factors (Eq. 11: ΔW normalized as configured, lora_A = A0ᵀ/√γ, lora_B = ΔW A0/√γ) on the
+    whitened-gradient subspace (Eq. 16) instead of Eq. 10's: only the direction of A differs."""
+    _check_inputs(G, Z, Y, name)
+    dW = natural_gradient(G, Z, Y, cfg.damping, name)
+    sigma = torch.linalg.matrix_norm(dW, ord=2).item()
+    if cfg.normalize and sigma > 0:
+        dW = dW / sigma
+    A0 = whitened_gradient_subspace(G, Z, Y, r, cfg.damping)
+    lora_A, lora_B = A0.T / math.sqrt(cfg.gamma), dW @ A0 / math.sqrt(cfg.gamma)
+    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+        raise ValueError(f"non-finite factor{' in layer ' + name if name else ''}; raise the damping")
+    return {"lora_A": lora_A.float(), "lora_B": lora_B.float(), "A0": A0, "sigma": sigma}
+
+
+# =============================================================================
 # theory.md §10. The peer initializations, each as its authors released it (../shared/paper/peer-recipes.md)
 # =============================================================================
 
@@ -577,7 +617,8 @@ def sequence_losses(logits, targets):
     return ce.sum(1) / (targets != -100).sum(1).clamp_min(1)
 
 
-METHODS = ("lora", "gaussian", "pissa", "ga", "one", "da")
+METHODS = ("lora", "gaussian", "pissa", "ga", "one", "da", "whitened")
+DATA_AWARE = ("ga", "one", "da", "whitened")  # the methods that need target samples
 SAMPLES_USED = {"ga": "ga_samples", "one": "one_samples"}  # the peers' own sample counts; LoRA-DA uses all
 
 
@@ -595,7 +636,7 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
         raise ValueError("model has no LoRA layers: call llama.add_lora(model, ...) first")
     if method not in METHODS:
         raise ValueError(f"unknown init {method!r}; choose from {', '.join(METHODS)}")
-    if method in ("ga", "one", "da") and not samples:
+    if method in DATA_AWARE and not samples:
         raise ValueError(f"init {method!r} needs target samples; got an empty sample set")
     t0 = time.perf_counter()
     report = {"method": method, "seconds": {}, "layers": {}}
@@ -624,7 +665,7 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
             t1 = time.perf_counter()
             group = {name: layers[name] for name in names}
             stats = kfac_statistics(model, used[shard[0]::shard[1]], loss_fn, group, batch_size=cfg.stats_batch_size,
-                                    token_mask=cfg.token_mask, y_full=cfg.y_full, factors=(method == "da"),
+                                    token_mask=cfg.token_mask, y_full=cfg.y_full, factors=method in ("da", "whitened"),
                                     reduce=reduce)
             t2 = time.perf_counter()
             report["seconds"]["statistics"] += t2 - t1
@@ -634,6 +675,9 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
                     factors[name] = (*lora_ga_init(G.cpu(), m.r, cfg.ga_gamma), True)
                 elif method == "one":
                     factors[name] = (*lora_one_init(G.cpu(), m.r, cfg.one_gamma), False)
+                elif method == "whitened":
+                    out = whitened_solve(G, stats.Z[name], stats.Y[name], m.r, cfg, name=name)
+                    factors[name] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
                 else:
                     out = lora_da_solve(G, stats.Z[name], stats.Y[name], m.r, cfg, seed=layer_seed(cfg.seed, name),
                                         name=name)

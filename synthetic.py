@@ -125,6 +125,42 @@ class LinearGaussian:
         return (R.pow(2).sum() + noise.trace() * torch.linalg.inv(C).trace() / (N - r - 1)).item()
 
 
+    # --- the same fine-tune judged in function space (theory.md §11) ---
+
+    def excess_risk(self, W):
+        """R(W) = tr(Y (W − W_tgt) Z (W − W_tgt)ᵀ) (…, d_out, d_in) -> (…,): twice the expected excess NLL,
+        what the fine-tuned model pays on new inputs, unlike the parameter error ‖W − W_tgt‖²."""
+        d = W - self.W_tgt
+        return torch.einsum("ab,...bi,ij,...aj->...", self.Y, d, self.Sigma_x, d)
+
+    def lora_fa_excess_risks(self, A0s, N, trials, gen):
+        """R(Ŵ) of LoRA-FA (A = A0ᵀ frozen, B by least squares on N samples), per trial and A0: (trials, len(A0s))."""
+        X, Yobs = self.draw(N, gen, trials)
+        R = Yobs - X @ self.W0.T
+        return torch.stack([self.excess_risk(self.W0 + self.fit_full(X @ A0, R) @ A0.T) for A0 in A0s], dim=1)
+
+    def excess_risk_bias(self, A0):
+        """Eq. 14: R at the population least-squares B* = ΔW Z A0 (A0ᵀZA0)⁻¹, tr(Y ΔW (Z − Z A0 (A0ᵀZA0)⁻¹ A0ᵀZ) ΔWᵀ)."""
+        Z = self.Sigma_x
+        ZA = Z @ A0
+        return torch.einsum("ab,bi,ij,aj->", self.Y, self.D, Z - ZA @ torch.linalg.solve(A0.T @ ZA, ZA.T), self.D).item()
+
+    def lora_fa_excess_risk(self, A0, N):
+        """Eq. 15: the exact expected R(Ŵ) of LoRA-FA at N samples (Gaussian inputs, N > r + 1):
+        bias + (d_out + bias) r/(N − r − 1): the only part that depends on A0 is the bias."""
+        r, bias = A0.shape[1], self.excess_risk_bias(A0)
+        return bias + (self.W0.shape[0] + bias) * r / (N - r - 1)
+
+    def whitened_subspace(self, r):
+        """Eq. 16 from the population statistics: Z^(-1/2) times the top-r right singular vectors of
+        Y^(1/2) ΔW Z^(1/2) (= −Y^(-1/2) G Z^(-1/2)), orthonormalized: the minimizer of Eq. 14."""
+        def power(S, p):
+            e, V = torch.linalg.eigh(S)
+            return (V * e.pow(p)) @ V.T
+        M = power(self.Y, 0.5) @ self.D @ power(self.Sigma_x, 0.5)
+        return torch.linalg.qr(power(self.Sigma_x, -0.5) @ top_right_singular(M, r))[0]
+
+
 def make_linear_gaussian(d_in=8, d_out=4, x_spectrum=None, noise_spectrum=None, D=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x_spectrum = x_spectrum if x_spectrum is not None else torch.logspace(1, -2, d_in)

@@ -41,7 +41,7 @@ DA = lora_da.DAConfig()  # the initialization defaults
 
 SETTINGS = {
     "method": {
-        "init": ("da", "initialization(s): lora, gaussian, pissa, ga, one, da; a comma list, or all"),
+        "init": ("da", "initialization(s): lora, gaussian, pissa, ga, one, da, whitened; a comma list, or all"),
         "seeds": (1, "run each method with this many seeds (seed, seed+1, ...) and write compare.md"),
         "seed": (9, "random seed (the authors' runs use 9)"),
     },
@@ -687,7 +687,7 @@ class Setup:
     device: str
     checkpoint: Path
     data_dir: Path
-    dist: "Dist" = None
+    dist: Dist = dataclasses.field(default_factory=Dist)  # alone, or one of several processes (torchrun)
 
 
 def load(cfg, log=print, dist=None) -> Setup:
@@ -752,8 +752,8 @@ def initialize(cfg, model, method, seed, N, setup, out_dir, log):
         log(f"zero-shot: accuracy {accuracy(metrics['zero_shot'])}, loss {metrics['zero_shot']['loss']:.4f}")
     # statistics from the head of the training set, as the authors take them
     t0 = time.perf_counter()
-    samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id) if method in ("ga", "one", "da") else None
-    d = setup.dist or Dist()
+    samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id) if method in lora_da.DATA_AWARE else None
+    d = setup.dist
     report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log, shard=(d.rank, d.world),
                                 reduce=d.sum_ if d.world > 1 else None)
     metrics["init_seconds"], metrics["init_report"] = time.perf_counter() - t0, report
@@ -898,7 +898,7 @@ def write_outputs(cfg, model, setup, out_dir, config, metrics, log, history=None
 def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     """One method, one seed: load -> LoRA -> init (or resume) -> the loop -> outputs; returns the metrics."""
     setup = setup or load(cfg, log)
-    d = setup.dist or Dist()
+    d = setup.dist
     log = log if d.main else (lambda *a: None)  # one process speaks
     task, N, t_start = setup.task, len(setup.task.train), time.perf_counter()
     torch.manual_seed(seed)  # LoRA's random A comes from here: the same seed, the same init

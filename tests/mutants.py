@@ -47,6 +47,12 @@ MUTANTS = [  # name, file, the exact original text, its replacement
      "    return canonical_signs(V[:, :r]), \"eigh\"", "    return canonical_signs(V[:, -r:]), \"eigh\""),
     ("gamma applied once instead of split between A and B", "lora_da.py",
      "    lora_A = A0.T / math.sqrt(cfg.gamma)", "    lora_A = A0.T"),
+    ("the whitened subspace not mapped back by Z^(-1/2)", "lora_da.py",
+     "    A0, _ = torch.linalg.qr(Zih @ V_r)", "    A0, _ = torch.linalg.qr(V_r)"),
+    ("N - r instead of N - r - 1 in synthetic.lora_fa_excess_risk", "synthetic.py",
+     "(self.W0.shape[0] + bias) * r / (N - r - 1)", "(self.W0.shape[0] + bias) * r / (N - r)"),
+    ("the excess-risk bias with an orthogonal instead of a Z-weighted projection", "synthetic.py",
+     "Z - ZA @ torch.linalg.solve(A0.T @ ZA, ZA.T)", "Z - Z @ A0 @ A0.T @ Z"),
     ("a rounded rank-deficient Z damped without clipping its negative eigenvalues", "lora_da.py",
      "(V * evals.clamp_min(0)) @ V.T + damping * eye", "(V * evals) @ V.T + damping * eye"),
 ]

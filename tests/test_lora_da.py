@@ -321,3 +321,23 @@ def test_the_solve_reports_the_unnormalized_shift_norm():
         cfg = L.DAConfig(N=100, normalize=normalize)
         out = L.lora_da_solve(G, Z, Y, 2, cfg)
         assert out["dW_fro"] == pytest.approx(torch.linalg.matrix_norm(dW).item(), rel=1e-9)
+
+
+def test_the_whitened_init_is_lora_da_with_only_the_direction_changed():
+    """theory.md §11: `--init whitened` keeps LoRA-DA's ΔW (normalized by σ), γ and B0 = ΔW A0/√γ (Eq. 11), and
+    changes only A0: orthonormal rows spanning Z^(-1/2) V_r (Eq. 16), another subspace than Eq. 10's."""
+    G, Z, Y = random_stats()
+    cfg = L.DAConfig(N=100)
+    da, wh = L.lora_da_solve(G, Z, Y, 4, cfg), L.whitened_solve(G, Z, Y, 4, cfg)
+    A0 = wh["A0"]
+    torch.testing.assert_close(A0.T @ A0, torch.eye(4, dtype=A0.dtype), atol=1e-10, rtol=0)
+    torch.testing.assert_close(wh["lora_A"].double(), A0.T / cfg.gamma ** 0.5, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(wh["lora_B"].double(), da["dW"] @ A0 / cfg.gamma ** 0.5, atol=1e-7, rtol=1e-6)
+    assert wh["sigma"] == pytest.approx(da["sigma"])
+    assert L.principal_angle(wh["lora_A"], da["lora_A"]) > 1.0  # degrees: a different direction
+    # the direction: Z^(-1/2) times the top right singular vectors of Y^(-1/2) G Z^(-1/2), written out again
+    e, V = torch.linalg.eigh(Z.double() + cfg.damping * torch.eye(Z.shape[0], dtype=torch.float64))
+    Zih = (V * e.rsqrt()) @ V.T
+    Vr = torch.linalg.svd((Y.double() + cfg.damping).rsqrt()[:, None] * G.double() @ Zih)[2][:4].T
+    ref = torch.linalg.qr(Zih @ Vr)[0]
+    torch.testing.assert_close(A0 @ A0.T, ref @ ref.T, atol=1e-8, rtol=0)
