@@ -192,6 +192,9 @@ STUDIES = {
                                 "character tokenizer (babyllama936K)?"),
     "distance": Study("sst2", (), (), (), (), (), of=("baselines", "gsm8k"),
                       question="Does LoRA-DA's gain shrink as the task moves away from pretraining (open question 1)?"),
+    "mechanism": Study("sst2", (), (), (), (), (),
+                       question="Where does each init put A: how much of each layer's input energy its rows capture, "
+                                "against the damping and the shift's rank?"),
 }
 
 
@@ -855,6 +858,88 @@ def babyllama_extra(study, runs, chosen, out):
     return lines
 
 
+MECHANISM_METHODS = ("lora", "pissa", "ga", "one", "da", "whitened")
+
+
+def mechanism(out: Path) -> str:
+    """Per layer of each real model, from the 256 init samples at W0: the share of the layer's input energy
+    that each init's row space captures, tr(A Z Aᵀ)/tr(Z) for orthonormal rows (a random r-subspace: r/d_in on
+    average); Z's spectrum and Y's median against the damping λ; the stable rank ‖ΔW‖²_F/σ² of the shift."""
+    import torch
+    import lora_da
+
+    def compute():
+        res = {}
+        for model in llama_models():
+            cfg = train.get_args(["--model", model])
+            setup = _setup(cfg, lambda *a: None)
+            samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id)
+            base = train.lora_model(cfg, setup)
+            layers = lora_da.lora_targets(base)
+            st = lora_da.kfac_statistics(base, samples, lora_da.causal_lm_losses, layers, batch_size=16)
+            rows = {}
+            for name in layers:
+                Z, Y = st.Z[name].double(), st.Y[name].double()
+                ez = torch.linalg.eigvalsh((Z + Z.T) / 2)
+                rows[name] = {"d_in": Z.shape[0], "Z_below_damping": int((ez < cfg.damping).sum()),
+                              "Z_median": ez.median().item(), "Y_median": Y.median().item(), "share": {}}
+            for method in MECHANISM_METHODS:
+                model_ = train.lora_model(cfg, setup)
+                report = lora_da.initialize(model_, method, samples, cfg=train.init_config(cfg, cfg.seed, len(setup.task.train)))
+                for name, m in lora_da.lora_targets(model_).items():
+                    A0 = torch.linalg.qr(m.lora_A.detach().double().T)[0]            # (d_in, r), orthonormal
+                    Z = st.Z[name].double()
+                    rows[name]["share"][method] = ((A0.T @ Z @ A0).trace() / Z.trace()).item()
+                    if method == "da":
+                        rep = report["layers"][name]
+                        rows[name]["stable_rank"] = (rep["dW_fro"] / rep["sigma"]) ** 2
+            res[model] = {"r": cfg.rank, "damping": cfg.damping, "layers": rows}
+        return res
+    res = cached(out / "mechanism.json", compute)
+    lines = ["# mechanism: where each init puts A, on both real models", "", STUDIES["mechanism"].question, "",
+             "Per layer (35 per model), from the 256 init samples at W0. Input-energy share: tr(A Z Aᵀ)/tr(Z) for "
+             "the orthonormalized rows of each init's A; a random r-subspace has r/d_in on average. Median [min, max] "
+             "over layers.", "",
+             "| model | r/d_in (median) | " + " | ".join(MECHANISM_METHODS) + " |", "|---|---|" + "---|" * len(MECHANISM_METHODS)]
+    for model, rm in res.items():
+        L_ = rm["layers"].values()
+        cells = []
+        for method in MECHANISM_METHODS:
+            v = [x["share"][method] for x in L_]
+            cells.append(f"{np.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]")
+        lines.append(f"| {model} | {np.median([rm['r'] / x['d_in'] for x in L_]):.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "Z's eigenvalues below the damping λ, Z's and Y's medians against λ, and the stable rank "
+              "‖ΔW‖²_F/σ² of LoRA-DA's shift (how many of the r directions carry it): median [min, max] over layers.", "",
+              "| model | λ | Z eigenvalues < λ (of d_in) | median eigenvalue of Z | median of Y | stable rank of ΔW |",
+              "|---|---|---|---|---|---|"]
+    for model, rm in res.items():
+        L_ = list(rm["layers"].values())
+        f = lambda k: f"{np.median([x[k] for x in L_]):.3g} [{min(x[k] for x in L_):.3g}, {max(x[k] for x in L_):.3g}]"
+        below = f"{np.median([x['Z_below_damping'] for x in L_]):.0f} [{min(x['Z_below_damping'] for x in L_)}, " \
+                f"{max(x['Z_below_damping'] for x in L_)}] of {np.median([x['d_in'] for x in L_]):.0f}"
+        lines.append(f"| {model} | {rm['damping']:g} | {below} | {f('Z_median')} | {f('Y_median')} | {f('stable_rank')} |")
+    text = "\n".join(lines) + "\n"
+    write(out / "table.md", text)
+    plt = train.pyplot()
+    fig, axes = plt.subplots(1, len(res), figsize=(6.5 * len(res), 4), squeeze=False)
+    for ax, (model, rm) in zip(axes[0], res.items()):
+        names = list(rm["layers"])
+        for k, method in enumerate(MECHANISM_METHODS):
+            ax.plot(range(len(names)), [rm["layers"][n]["share"][method] for n in names], "o-", ms=3, label=method)
+        ax.plot(range(len(names)), [rm["r"] / rm["layers"][n]["d_in"] for n in names], "k--", label="random (r/d_in)")
+        ax.set(yscale="log", title=f"{model}: input-energy share of A's row space", xlabel="layer (7 per block)",
+               ylabel="tr(A Z Aᵀ)/tr(Z)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    train.save_figure(fig, out / "mechanism.png")
+    return text
+
+
+def llama_models():
+    import llama
+    return tuple(llama.MODELS)
+
+
 EXTRAS = {"babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
 
 
@@ -872,6 +957,9 @@ def main(argv=None):
     out = Path(a.out or RESULTS / a.study)
     if a.study == "distance":  # reads the baselines and gsm8k runs; its measurements need no training
         print(distance(out))
+        return
+    if a.study == "mechanism":  # measurements of the inits alone, on both real models
+        print(mechanism(out))
         return
     if study.of:  # convergence: read the runs of another study, run nothing
         print(convergence(STUDIES[study.of[0]], load_runs(RESULTS / study.of[0]), out))
