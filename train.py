@@ -972,9 +972,11 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
 # plots and the side-by-side table
 
 def pyplot():
-    """matplotlib without a screen (Agg), imported only when a plot is drawn."""
+    """matplotlib, imported only when a plot is drawn: without a screen (Agg), unless the caller already chose
+    a backend (a notebook's inline one must stay, or its own plots would vanish)."""
     import matplotlib
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
