@@ -769,6 +769,32 @@ def initialize(cfg, model, method, seed, N, setup, out_dir, log):
     return metrics
 
 
+def start(cfg, model, optimizer, method, seed, N, setup, out_dir, config, log):
+    """Resume from out_dir's checkpoint (--resume, when there is one), or start afresh with the
+    initialization: (step, metrics, loss history)."""
+    ckpt_file = out_dir / "ckpt.pt"
+    if cfg.resume and (ckpt_file.is_file() or ckpt_file.with_name("ckpt.prev.pt").is_file()):
+        return resume(ckpt_file, model, optimizer, config, log)
+    if cfg.resume:
+        log(f"no checkpoint at {ckpt_file}: starting from scratch")
+    return 0, initialize(cfg, model, method, seed, N, setup, out_dir, log), {"step": [], "loss": []}
+
+
+def accumulate_gradient(cfg, model, setup, params, step, seed, perms):
+    """Backpropagate step's global batch (grad_accum micro-batches of batch_size): the gradient, summed loss
+    (the mean over the step's sequences) and token count of the whole batch, whatever the number of processes."""
+    d, N, per_step = setup.dist, len(setup.task.train), cfg.batch_size * cfg.grad_accum
+    loss_sum, tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        idx = batch_indices(step * per_step + micro * cfg.batch_size, cfg.batch_size, seed, N, perms)
+        # each sequence's loss is the mean over its answer tokens; scaled by 1/per_step, the grads accumulate;
+        # several processes each take every world-th sequence of the same global batch
+        loss, n = backward_on_batch(model, setup.task, idx[d.rank::d.world], setup.tok, setup.device,
+                                    cfg.length_groups, 1 / per_step)
+        loss_sum, tokens = loss_sum + loss, tokens + n
+    return reduce_step(d, params, loss_sum, tokens)
+
+
 def read_checkpoint(ckpt_file: Path, log):
     """The latest checkpoint, or the previous one (kept beside it) when the latest is unreadable."""
     prev = ckpt_file.with_name("ckpt.prev.pt")
@@ -907,36 +933,22 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     params = [p for p in model.parameters() if p.requires_grad]  # A and B of each layer, fp32 (B only if frozen A)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     ckpt_file, config = out_dir / "ckpt.pt", resolved(cfg, method, seed, N, setup.data_dir)
-    if cfg.resume and (ckpt_file.is_file() or ckpt_file.with_name("ckpt.prev.pt").is_file()):
-        step, metrics, history = resume(ckpt_file, model, optimizer, config, log)
-    else:
-        if cfg.resume:
-            log(f"no checkpoint at {ckpt_file}: starting from scratch")
-        step, history = 0, {"step": [], "loss": []}
-        metrics = initialize(cfg, model, method, seed, N, setup, out_dir, log)
-        if cfg.init_only:  # hand the initialization to another trainer: no training here
-            data_counts(task, metrics, log)
-            if d.main:
-                write_outputs(cfg, model, setup, out_dir, config, metrics, log)
-            return metrics
+    step, metrics, history = start(cfg, model, optimizer, method, seed, N, setup, out_dir, config, log)
+    if cfg.init_only:  # hand the initialization to another trainer: no training here
+        data_counts(task, metrics, log)
+        if d.main:
+            write_outputs(cfg, model, setup, out_dir, config, metrics, log)
+        return metrics
 
     # the loop: AdamW on the LoRA factors; step k always sees the same batch of the seeded data order
-    warmup_steps, per_step, perms, first_step = int(cfg.warmup * cfg.steps), cfg.batch_size * cfg.grad_accum, {}, step
+    warmup_steps, perms, first_step = int(cfg.warmup * cfg.steps), {}, step
     clock = Clock(metrics)
     model.train()
     while step < cfg.steps:
         lr = get_lr(step, cfg.lr, cfg.steps, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):  # the loss of a step: the mean over its per_step sequences
-            idx = batch_indices(step * per_step + micro * cfg.batch_size, cfg.batch_size, seed, N, perms)
-            # each sequence's loss is the mean over its answer tokens; scaled by 1/per_step, the grads accumulate;
-            # several processes each take every world-th sequence of the same global batch
-            loss, n = backward_on_batch(model, task, idx[d.rank::d.world], setup.tok, setup.device, cfg.length_groups,
-                                        1 / per_step)
-            loss_sum, tokens = loss_sum + loss, tokens + n
-        loss_sum, tokens = reduce_step(d, params, loss_sum, tokens)
+        loss_sum, tokens = accumulate_gradient(cfg, model, setup, params, step, seed, perms)
         clock.tokens += tokens
         if not math.isfinite(loss_sum):
             raise UsageError(f"loss became {loss_sum} at step {step}; lower --lr (now {cfg.lr:g}) or check the data"
