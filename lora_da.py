@@ -63,11 +63,13 @@ class DAConfig:
     ga_samples: int = 8          # LoRA-GA's gradient samples (reproduce config: bsz 1 × 8 iters)
     one_gamma: float = 128.0     # LoRA-One's γ
     one_samples: int = 8         # LoRA-One's gradient samples
+    eva_token_mask: str = "labels"  # EVA's inputs: PEFT's default use_label_mask (the scored positions), or "all"
+    eva_rho: float = 2.0         # EVA's ρ: components per layer offered to the rank redistribution (reported)
 
     def __post_init__(self):
         """The one place these settings are checked (train.py's command line reports the same errors with
         the flag's name); the functions below trust a DAConfig."""
-        for name in ("alpha", "beta", "gamma", "damping", "ga_gamma", "one_gamma"):
+        for name in ("alpha", "beta", "gamma", "damping", "ga_gamma", "one_gamma", "eva_rho"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise SettingError(name, f"must be a finite number, got {v}")
@@ -76,7 +78,7 @@ class DAConfig:
                 raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.alpha == 0 and self.beta == 0:
             raise SettingError("beta", "must be > 0 when alpha is 0 (not both zero: nothing left to minimize)")
-        for name in ("gamma", "damping", "ga_gamma", "one_gamma"):
+        for name in ("gamma", "damping", "ga_gamma", "one_gamma", "eva_rho"):
             if not getattr(self, name) > 0:
                 raise SettingError(name, f"must be > 0, got {getattr(self, name)}")
         lowest = {"N": 0, "stats_batch_size": 1, "ga_samples": 1, "one_samples": 1, "layers_per_pass": 0}
@@ -84,7 +86,8 @@ class DAConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise SettingError(name, f"must be an integer >= {lo}, got {v}")
-        for name, allowed in (("token_mask", ("all", "labels")), ("solver", ("eigh", "lobpcg"))):
+        for name, allowed in (("token_mask", ("all", "labels")), ("eva_token_mask", ("all", "labels")),
+                              ("solver", ("eigh", "lobpcg"))):
             if getattr(self, name) not in allowed:
                 raise SettingError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
@@ -558,6 +561,140 @@ def lora_one_init(G, r, gamma):
     return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()
 
 
+def milora_init(W0, r, scaling):
+    """MiLoRA (Wang et al. 2024, sufenlp/MiLoRA svd_init.py, mode "min"): W0 = U S Vᵀ; A = √(S/s) Vᵀ and
+    B = U √(S/s) over the r *smallest* triplets, then W0 <- W0 − s·B A. The opposite end of PiSSA's
+    spectrum: the adapter starts in the directions the pretrained weight uses least, and the step-0 output
+    is the base model's."""
+    if r > min(W0.shape):
+        raise ValueError(f"MiLoRA needs r <= min(d_out, d_in) = {min(W0.shape)}, got r={r}")
+    U, S, Vh = svd_canonical(W0)
+    root = (S[-r:] / scaling).sqrt()
+    return (root[:, None] * Vh[-r:]).float(), (U[:, -r:] * root).float()
+
+
+def corda_damped(C, start=0.01, tol=0.05, max_doublings=60):
+    """CorDA's damping (peft corda.py collect_eigens_for_layer): C + λ·mean(diag C)·I, λ from 0.01 doubled
+    until ‖C_λ C_λ⁻¹ − I‖_F < 0.05, i.e. until the inverse is trustworthy. In fp64 the first λ passes
+    for any covariance of these models; the loop is kept because it is the recipe."""
+    C = C.double()
+    scale = C.diagonal().mean()
+    if not scale > 0:
+        raise ValueError("CorDA: the input covariance is zero (no counted tokens reached this layer?)")
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    lam = start
+    for _ in range(max_doublings):
+        Cf = C + lam * scale * eye
+        Cinv = torch.linalg.inv(Cf)
+        if torch.linalg.matrix_norm(Cf @ Cinv - eye) < tol:
+            return Cf, Cinv, lam
+        lam *= 2
+    raise ValueError(f"CorDA: covariance not invertible after damping {lam:g}·mean(diag C)")
+
+
+def corda_init(W0, C, r, scaling):
+    """CorDA IPM (Yang et al. 2024, peft corda_init): W0 C = U S Vᵀ with C the damped input covariance;
+    A = √(S_r/s) (Vᵀ C⁻¹)_r, B = U_r √(S_r/s), then W0 <- W0 − s·B A = W0 − U_r S_r V_rᵀ C⁻¹. The rank-r part
+    is chosen by how much output it makes on the task's inputs (W0 C), not by W0 alone as PiSSA does:
+    (W0 − s·B A)·C is the best rank-r residual of W0 C (Eckart–Young). Returns (A, B, λ)."""
+    if r > min(W0.shape):
+        raise ValueError(f"CorDA needs r <= min(d_out, d_in) = {min(W0.shape)}, got r={r}")
+    Cf, Cinv, lam = corda_damped(C)
+    U, S, Vh = svd_canonical(W0.double() @ Cf)
+    root = (S[:r] / scaling).sqrt()
+    return (root[:, None] * (Vh[:r] @ Cinv)).float(), (U[:, :r] * root).float(), lam
+
+
+def eva_init(mean, cov, r):
+    """EVA (Paischer et al. 2024, peft eva.py): A = the top-r principal directions of the layer inputs
+    (rows, unit norm: whiten=False), B = 0, W0 kept. PEFT runs an incremental PCA over batches until the
+    components settle; this is the exact PCA of the same centred covariance, the limit it converges to.
+    mean (d_in,), cov (d_in, d_in) = E[x xᵀ] − mean meanᵀ. Returns (A, B, explained-variance ratios)."""
+    evals, evecs = torch.linalg.eigh(cov.double())
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)           # descending
+    if r > cov.shape[0]:
+        raise ValueError(f"EVA needs r <= d_in = {cov.shape[0]}, got r={r}")
+    V = canonical_signs(evecs[:, :r])                                   # (d_in, r), largest-|.| entry positive
+    ratio = evals / evals.sum().clamp_min(torch.finfo(evals.dtype).tiny)
+    return V.T.float(), torch.zeros(0), ratio
+
+
+def eva_ranks(ratios: dict, r: int, rho: float = 2.0) -> dict:
+    """EVA's rank redistribution (peft eva.py): pool every layer's top round(ρ·r) explained-variance ratios,
+    keep the globally largest r·(number of layers), and give each layer as many as it holds. Reported only:
+    the init keeps r per layer (every method here trains the same adapter shapes, so a difference in
+    accuracy cannot come from where the parameters went)."""
+    k = max(1, round(rho * r))
+    pool = sorted(((float(v), name) for name, q in ratios.items() for v in q[:k]), reverse=True)
+    keep = pool[:r * len(ratios)]
+    counts = {name: 0 for name in ratios}
+    for _, name in keep:
+        counts[name] += 1
+    return counts
+
+
+def input_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, batch_size: int = 16,
+                     token_mask: str = "all", reduce: Callable = None) -> dict:
+    """Forward-only statistics of each target layer's inputs x, for the activation-based peers (no
+    gradient: they never look at the loss, only at what flows into W0). Per layer:
+      C    = (1/n_samples) Σ_s X_sᵀX_s with X_s = x_s/|max x_s|, each sample scaled by its own largest entry
+             (CorDA's per-sample normalization; its hook takes the signed max, then the absolute value);
+      mean = E_t[x], cov = E_t[x xᵀ] − mean meanᵀ over counted tokens (EVA's centred PCA).
+    token_mask as in counted_tokens ("labels": the positions whose outputs the loss scores)."""
+    if len(samples) == 0:
+        raise ValueError("empty sample set: an activation-based init needs at least one target sample")
+    device = next(model.parameters()).device
+    names = list(layers)
+    C, S1, S2, owner = {}, {}, {}, {}
+    n_tokens = 0
+    order = length_order(samples)
+    with torch.no_grad(), recording(model, layers) as io:
+        for start in range(0, len(samples), batch_size):
+            chunk = [samples[i] for i in order[start:start + batch_size]]
+            batch, bsz = collate(chunk), len(chunk)
+            loss_fn(model, {k: v.to(device) for k, v in batch.items()})   # the forward pass fills io
+            if not owner:
+                seen = {}
+                for name in names:
+                    owner[name] = seen.setdefault(id(io[name][0]), name)
+            for name in names:
+                if owner[name] != name:
+                    continue
+                d_in = weight_of(layers[name]).shape[1]
+                x = io[name][0].detach().double().reshape(bsz, -1, d_in)
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"non-finite input of layer {name}")
+                attended = counted_tokens(batch, "all", bsz, x.shape[1], device)
+                peak = x.masked_fill(~attended[..., None], -math.inf).amax(dim=(1, 2)).abs()   # (bsz,)
+                if not (peak > 0).all():
+                    raise ValueError(f"CorDA: a sample's largest input to layer {name} is 0")
+                X = (x / peak[:, None, None])[attended]
+                C[name] = C.get(name, 0) + X.T @ X
+                xm = x[counted_tokens(batch, token_mask, bsz, x.shape[1], device)]
+                S1[name] = S1.get(name, 0) + xm.sum(0)
+                S2[name] = S2.get(name, 0) + xm.T @ xm
+                if name == names[0]:
+                    n_tokens += xm.shape[0]
+            io.clear()
+    n_samples = len(samples)
+    if reduce is not None:
+        counts = torch.tensor([n_samples, n_tokens], dtype=torch.float64, device=device)
+        reduce(counts)
+        n_samples, n_tokens = int(counts[0]), int(counts[1])
+        for name in names:
+            if owner[name] == name:
+                for t in (C[name], S1[name], S2[name]):
+                    reduce(t)
+    if n_tokens == 0:
+        raise ValueError("no counted tokens: every token was masked out (check token_mask and the masks)")
+    out = {}
+    for name in names:
+        o = owner[name]
+        mean = S1[o] / n_tokens
+        out[name] = {"C": C[o] / n_samples, "mean": mean, "cov": S2[o] / n_tokens - torch.outer(mean, mean)}
+    return out
+
+
 # =============================================================================
 # Initializing a model: statistics and solve for every LoRA layer (not in theory.md: plumbing)
 # =============================================================================
@@ -617,8 +754,9 @@ def sequence_losses(logits, targets):
     return ce.sum(1) / (targets != -100).sum(1).clamp_min(1)
 
 
-METHODS = ("lora", "gaussian", "pissa", "ga", "one", "da", "whitened")
-DATA_AWARE = ("ga", "one", "da", "whitened")  # the methods that need target samples
+METHODS = ("lora", "gaussian", "pissa", "milora", "ga", "one", "corda", "eva", "da", "whitened")
+DATA_AWARE = ("ga", "one", "corda", "eva", "da", "whitened")  # the methods that need target samples
+ACTIVATION_BASED = ("corda", "eva")  # data-aware from the layer inputs alone (a forward pass, no gradient)
 SAMPLES_USED = {"ga": "ga_samples", "one": "one_samples"}  # the peers' own sample counts; LoRA-DA uses all
 
 
@@ -642,17 +780,42 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
     report = {"method": method, "seconds": {}, "layers": {}}
     factors = {}  # name -> (A, B, shift_W0)
 
-    if method in ("lora", "gaussian", "pissa"):
+    if method in ("lora", "gaussian", "pissa", "milora"):
         for name, m in layers.items():
             d_out, d_in = weight_of(m).shape
             gen = torch.Generator().manual_seed(layer_seed(cfg.seed, name))
-            if method == "pissa":
-                A, B = pissa_init(weight_of(m).detach().float(), m.r, m.scaling)
+            if method in ("pissa", "milora"):
+                A, B = (pissa_init if method == "pissa" else milora_init)(weight_of(m).detach().float(), m.r, m.scaling)
                 factors[name] = (A, B, True)
             else:
                 A, B = (lora_init if method == "lora" else gaussian_init)(d_out, d_in, m.r, gen)
                 factors[name] = (A, B, False)
         report["seconds"]["solve"] = time.perf_counter() - t0
+
+    elif method in ACTIVATION_BASED:  # CorDA, EVA: one forward pass over the samples, then one SVD per layer
+        report["samples"] = len(samples)
+        if len(samples) < shard[1]:
+            raise ValueError(f"{len(samples)} samples for {method} cannot be shared by {shard[1]} processes")
+        stats = input_statistics(model, samples[shard[0]::shard[1]], loss_fn, layers,
+                                 batch_size=cfg.stats_batch_size,
+                                 token_mask=cfg.eva_token_mask if method == "eva" else "all", reduce=reduce)
+        t1 = time.perf_counter()
+        report["seconds"]["statistics"] = t1 - t0
+        ratios = {}
+        for name, m in layers.items():
+            W0, st = weight_of(m).detach(), stats[name]
+            if method == "corda":
+                A, B, lam = corda_init(W0.to(st["C"].device), st["C"], m.r, m.scaling)
+                factors[name] = (A.cpu(), B.cpu(), True)
+                report["layers"][name] = {"damping": lam}
+            else:
+                A, _, ratios[name] = eva_init(st["mean"], st["cov"], m.r)
+                factors[name] = (A.cpu(), torch.zeros(W0.shape[0], m.r), False)
+                report["layers"][name] = {"explained": ratios[name][:m.r].sum().item()}
+        if method == "eva":
+            report["eva_ranks"] = eva_ranks(ratios, next(iter(layers.values())).r, cfg.eva_rho)
+        report["seconds"]["solve"] = time.perf_counter() - t1
+        log(f"{method} init: {len(layers)} layers, {len(samples)} samples, {time.perf_counter() - t0:.1f}s")
 
     else:  # data-aware: statistics and solve, one group of transformer blocks at a time (bounded memory)
         report["seconds"].update(statistics=0.0, solve=0.0)

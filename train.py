@@ -41,7 +41,7 @@ DA = lora_da.DAConfig()  # the initialization defaults
 
 SETTINGS = {
     "method": {
-        "init": ("da", "initialization(s): lora, gaussian, pissa, ga, one, da, whitened; a comma list, or all"),
+        "init": ("da", "initialization(s): " + ", ".join(lora_da.METHODS) + "; a comma list, or all"),
         "seeds": (1, "run each method with this many seeds (seed, seed+1, ...) and write compare.md"),
         "seed": (9, "random seed (the authors' runs use 9)"),
     },
@@ -97,6 +97,10 @@ SETTINGS = {
         "ga_samples": (DA.ga_samples, "LoRA-GA gradient samples (its reproduce config: 8; its example: 128)"),
         "one_gamma": (DA.one_gamma, "LoRA-One gamma (its paper: 128)"),
         "one_samples": (DA.one_samples, "LoRA-One gradient samples (its paper: 8)"),
+        "eva_token_mask": (DA.eva_token_mask, "EVA's PCA inputs: labels (PEFT's use_label_mask: the scored "
+                                              "positions) or all non-padding tokens"),
+        "eva_rho": (DA.eva_rho, "EVA rho: components per layer offered to its rank redistribution (reported; "
+                                "the rank stays r)"),
     },
     "optim": {
         "lr": (2e-3, "peak learning rate of AdamW (paper: 2e-4 on 7B; a 260K model needs a larger one)"),
@@ -126,7 +130,8 @@ SETTINGS = {
     },
 }
 CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"),
-           "dtype": tuple(llama.DTYPES), "token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg")}
+           "dtype": tuple(llama.DTYPES), "token_mask": ("all", "labels"),
+           "eva_token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg")}
 METHODS = lora_da.METHODS
 # the settings train.py owns, by meaning (LoRA-DA's own are DAConfig's): name -> (test, what it must be)
 RANGES = {

@@ -55,6 +55,18 @@ MUTANTS = [  # name, file, the exact original text, its replacement
      "Z - ZA @ torch.linalg.solve(A0.T @ ZA, ZA.T)", "Z - Z @ A0 @ A0.T @ Z"),
     ("a rounded rank-deficient Z damped without clipping its negative eigenvalues", "lora_da.py",
      "(V * evals.clamp_min(0)) @ V.T + damping * eye", "(V * evals) @ V.T + damping * eye"),
+    ("MiLoRA's minor singular values on the major directions", "lora_da.py",
+     "    return (root[:, None] * Vh[-r:]).float(), (U[:, -r:] * root).float()",
+     "    return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()"),
+    ("CorDA normalized by the batch's largest input instead of each sample's", "lora_da.py",
+     "peak = x.masked_fill(~attended[..., None], -math.inf).amax(dim=(1, 2)).abs()",
+     "peak = x.masked_fill(~attended[..., None], -math.inf).amax().abs().expand(bsz)"),
+    ("CorDA's A without the C^-1 that maps W0 C's directions back", "lora_da.py",
+     "(root[:, None] * (Vh[:r] @ Cinv)).float()", "(root[:, None] * Vh[:r]).float()"),
+    ("EVA's PCA without centring", "lora_da.py",
+     '"cov": S2[o] / n_tokens - torch.outer(mean, mean)', '"cov": S2[o] / n_tokens'),
+    ("EVA's label mask ignored", "lora_da.py",
+     'token_mask=cfg.eva_token_mask if method == "eva" else "all"', 'token_mask="all"'),
 ]
 
 

@@ -94,7 +94,7 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("lr negative", "train.py", ["--lr", "-1"], "--lr must be positive"),
     ("lr nan", "train.py", ["--lr", "nan"], "--lr must be a finite number"),
     ("steps 0", "train.py", ["--steps", "0"], "--steps must be positive"),
-    ("unknown init", "train.py", ["--init", "dora"], "choose from lora, gaussian, pissa, ga, one, da"),
+    ("unknown init", "train.py", ["--init", "dora"], "choose from lora, gaussian, pissa, milora, ga, one, corda, eva, da"),
     ("rank 0", "train.py", ["--rank", "0"], "--rank must be positive"),
     ("rank too large", "train.py", ["--rank", "100000"] + FAST, "need 1 <= r <= 32"),
     ("max-len too small", "train.py", ["--max-len", "2"] + FAST, "--max-len 2 leaves no room"),

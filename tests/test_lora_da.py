@@ -193,8 +193,89 @@ def test_peer_factors_follow_their_papers():
     assert A.abs().max() <= 20 ** -0.5 and B.abs().max() == 0
 
 
-@pytest.mark.parametrize("method,unchanged", [("lora", True), ("gaussian", True), ("pissa", True), ("ga", True),
-                                              ("one", False), ("da", False)])
+def test_milora_takes_the_minor_end_of_the_spectrum_that_pissa_leaves():
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    s, r = 16 / 8 ** 0.5, 4
+    A, B = L.milora_init(W0.float(), r, s)
+    U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
+    # s·B A is the rank-r part of W0 along its r smallest singular values, so W0 − s·B A keeps the top 12 − r
+    torch.testing.assert_close((s * B @ A).double(), U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:], atol=1e-5, rtol=1e-5)
+    assert L.principal_angle(A, Vh[-r:]) < 1e-2 and L.principal_angle(A, Vh[:r]) > 89
+    with pytest.raises(ValueError, match="r <= min"):
+        L.milora_init(W0.float(), 13, s)
+
+
+def layer_inputs(model, layer, samples):
+    """Each sample's inputs to `layer`, attended positions only, one sample per forward: the reference for
+    the batched, padded statistics pass."""
+    xs, hook = [], layer.register_forward_hook(lambda m, i, o: xs.append(i[0].detach().double()))
+    try:
+        with torch.no_grad():
+            for smp in samples:
+                n = int(smp["attention_mask"].sum())
+                model(smp["tokens"][None, :n])
+    finally:
+        hook.remove()
+    return [x[0] for x in xs]
+
+
+def initialized(stories, method, samples, **cfg):
+    model = copy.deepcopy(stories)
+    layers = llama.add_lora(model, r=4, lora_alpha=16, rslora=True)
+    report = L.initialize(model, method, samples, cfg=L.DAConfig(N=1000, **cfg))
+    return model, layers, report
+
+
+def test_corda_residual_is_the_best_rank_r_residual_of_W0_times_the_per_sample_normalized_covariance(stories):
+    samples = padded_samples(12)
+    name = "layers.2.feed_forward.w2"
+    W0 = dict(stories.named_modules())[name].weight.detach().double()
+    # C = (1/n) Σ_s X_sᵀX_s with X_s = x_s/|max x_s|, computed sample by sample (batch 1, no padding)
+    xs = layer_inputs(stories, dict(stories.named_modules())[name], samples)
+    C = sum((x / x.max().abs()).T @ (x / x.max().abs()) for x in xs) / len(xs)
+    Z = sum(x.T @ x for x in xs) / sum(len(x) for x in xs)
+    assert rel(C, Z) > 0.1  # the normalization matters: an unnormalized covariance is a different matrix
+    model, layers, report = initialized(stories, "corda", samples, stats_batch_size=5)  # padded batches of 5
+    m = layers[name]
+    lam = report["layers"][name]["damping"]
+    Cf = C + lam * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+    A, B = m.lora_A.detach().double(), m.lora_B.detach().double()
+    W_res = L.weight_of(m).detach().double()
+    torch.testing.assert_close(W_res + m.scaling * B @ A, W0, atol=1e-5, rtol=0)  # the step-0 output is kept
+    # (W0 − s·B A) C is W0 C minus its best rank-r approximation: its squared norm is the tail of W0 C's spectrum
+    S = torch.linalg.svdvals(W0 @ Cf)
+    tail = (S[4:] ** 2).sum()
+    assert abs(torch.linalg.matrix_norm(W_res @ Cf) ** 2 - tail) / tail < 1e-4
+    # and it is CorDA's closed form W0 − U_r S_r V_rᵀ C⁻¹ with U S Vᵀ = svd(W0 C)
+    U, S, Vh = torch.linalg.svd(W0 @ Cf, full_matrices=False)
+    torch.testing.assert_close(W0 - U[:, :4] @ torch.diag(S[:4]) @ Vh[:4] @ torch.linalg.inv(Cf), W_res,
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("token_mask", ["labels", "all"])
+def test_eva_A_spans_the_top_principal_directions_of_the_centred_inputs(stories, token_mask):
+    samples = padded_samples(40)
+    name = "layers.1.attention.wq"
+    xs = layer_inputs(stories, dict(stories.named_modules())[name], samples)
+    if token_mask == "labels":  # the positions whose outputs the loss scores: one per sample here
+        xs = [x[smp["targets"][:len(x)] != -100] for x, smp in zip(xs, samples)]
+    X = torch.cat(xs)
+    _, _, Vh = torch.linalg.svd(X - X.mean(0), full_matrices=False)
+    model, layers, report = initialized(stories, "eva", samples, eva_token_mask=token_mask)
+    A = layers[name].lora_A.detach().double()
+    torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=A.dtype), atol=1e-6, rtol=0)  # unit rows, whiten=False
+    assert L.principal_angle(A, Vh[:4]) < 0.1
+    _, _, Vu = torch.linalg.svd(X, full_matrices=False)  # without centring, the mean direction comes first
+    assert L.principal_angle(A, Vu[:4]) > 1
+    assert layers[name].lora_B.abs().max() == 0
+    # the redistribution EVA would make keeps the total rank, reported beside the fixed-rank init
+    assert sum(report["eva_ranks"].values()) == 4 * len(layers)
+
+
+@pytest.mark.parametrize("method,unchanged", [("lora", True), ("gaussian", True), ("pissa", True), ("milora", True),
+                                              ("ga", True), ("corda", True), ("eva", True), ("one", False),
+                                              ("da", False)])
 def test_step_zero_output_equals_the_base_model_exactly_when_the_method_says_so(stories, method, unchanged):
     base = copy.deepcopy(stories)
     model = copy.deepcopy(stories)

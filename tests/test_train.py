@@ -113,7 +113,7 @@ def test_truncation_is_from_the_left_of_the_prompt_and_counted(data):
     (["--lr", "0"], "--lr must be positive"),
     (["--batch-size", "-1"], "--batch-size must be positive"),
     (["--steps", "0"], "--steps must be positive"),
-    (["--init", "dora"], "choose from lora, gaussian, pissa, ga, one, da"),
+    (["--init", "dora"], "choose from lora, gaussian, pissa, milora, ga, one, corda, eva, da"),
     (["--task", "mnli"], "invalid choice: 'mnli' (choose from 'sst2', 'gsm8k')"),
 ])
 def test_bad_input_ends_with_one_line_and_a_nonzero_exit(args, message, tmp_path):
