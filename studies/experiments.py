@@ -97,7 +97,7 @@ class Study:
         return next(c for c in self.cells if c.name == name)
 
 
-METHODS = ("lora", "gaussian", "pissa", "ga", "one", "da")
+METHODS = ("lora", "gaussian", "pissa", "milora", "ga", "one", "corda", "eva", "da")
 SST2 = ("--task", "sst2", "--steps", "400", "--eval-interval", "50", "--val-size", "1000")
 GSM8K = ("--task", "gsm8k", "--steps", "150", "--batch-size", "8", "--max-len", "320", "--eval-interval", "50",
          "--val-size", "100", "--eval-limit", "100", "--decode-limit", "20")
