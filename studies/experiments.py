@@ -858,7 +858,7 @@ def babyllama_extra(study, runs, chosen, out):
     return lines
 
 
-MECHANISM_METHODS = ("lora", "pissa", "ga", "one", "da", "whitened")
+MECHANISM_METHODS = ("lora", "pissa", "milora", "ga", "one", "corda", "eva", "da", "whitened")
 
 
 def mechanism(out: Path) -> str:
@@ -868,22 +868,28 @@ def mechanism(out: Path) -> str:
     import torch
     import lora_da
 
-    def compute():
-        res = {}
+    def compute(res):
+        """Fills in what the committed mechanism.json lacks (a model, or a method's shares), nothing else."""
         for model in llama_models():
+            have = res.get(model, {}).get("layers", {})
+            todo = [m for m in MECHANISM_METHODS if not have or m not in next(iter(have.values()))["share"]]
+            if not todo:
+                continue
             cfg = train.get_args(["--model", model])
             setup = _setup(cfg, lambda *a: None)
             samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id)
             base = train.lora_model(cfg, setup)
             layers = lora_da.lora_targets(base)
             st = lora_da.kfac_statistics(base, samples, lora_da.causal_lm_losses, layers, batch_size=16)
-            rows = {}
+            rows = have
             for name in layers:
+                if name in rows:
+                    continue
                 Z, Y = st.Z[name].double(), st.Y[name].double()
                 ez = torch.linalg.eigvalsh((Z + Z.T) / 2)
                 rows[name] = {"d_in": Z.shape[0], "Z_below_damping": int((ez < cfg.damping).sum()),
                               "Z_median": ez.median().item(), "Y_median": Y.median().item(), "share": {}}
-            for method in MECHANISM_METHODS:
+            for method in todo:
                 model_ = train.lora_model(cfg, setup)
                 report = lora_da.initialize(model_, method, samples, cfg=train.init_config(cfg, cfg.seed, len(setup.task.train)))
                 for name, m in lora_da.lora_targets(model_).items():
@@ -895,7 +901,11 @@ def mechanism(out: Path) -> str:
                         rows[name]["stable_rank"] = (rep["dW_fro"] / rep["sigma"]) ** 2
             res[model] = {"r": cfg.rank, "damping": cfg.damping, "layers": rows}
         return res
-    res = cached(out / "mechanism.json", compute)
+    path = out / "mechanism.json"
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    res = compute(json.loads(json.dumps(before)))
+    if res != before:
+        write(path, json.dumps(res, indent=1))
     lines = ["# mechanism: where each init puts A, on both real models", "", STUDIES["mechanism"].question, "",
              "Per layer (35 per model), from the 256 init samples at W0. Input-energy share: tr(A Z Aᵀ)/tr(Z) for "
              "the orthonormalized rows of each init's A; a random r-subspace has r/d_in on average. Median [min, max] "
