@@ -39,7 +39,7 @@ def test_every_init_runs_on_both_tasks_and_writes_its_outputs(tmp_path, task, da
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["init"] == method and cfg["task"] == task and cfg["N"] == 300
         adapter = torch.load(d / "adapter.pt", weights_only=True)
-        assert len(adapter["lora"]) == 35 and bool(adapter["W0_shift"]) == (method in ("pissa", "ga"))
+        assert len(adapter["lora"]) == 35 and bool(adapter["W0_shift"]) == (method in ("pissa", "milora", "ga", "corda"))
         assert (d / "loss.png").stat().st_size > 0
     assert "| da |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0
