@@ -761,14 +761,18 @@ SAMPLES_USED = {"ga": "ga_samples", "one": "one_samples"}  # the peers' own samp
 
 
 def initialize(model, method: str, samples: list = None, loss_fn: Callable = causal_lm_losses,
-               cfg: DAConfig = None, log: Callable = None, shard=(0, 1), reduce: Callable = None) -> dict:
+               cfg: DAConfig = None, log: Callable = None, shard=(0, 1), reduce: Callable = None,
+               stage: Callable = None) -> dict:
     """Write the chosen initialization into every LoRA layer of `model`; returns a report.
     All factors are computed first and written last, so an error leaves the model untouched.
     shard (rank, world) and reduce: over several processes, each takes every world-th sample of those the
     method uses and the statistics are summed across them (kfac_statistics); every process then solves
-    the same problem, seeded per layer, so all end with the same factors."""
+    the same problem, seeded per layer, so all end with the same factors.
+    stage(name): called as each stage ("statistics", "solve") begins and with None at the end, so that a
+    caller can measure each stage's peak memory (train.py's PeakMemory)."""
     cfg = cfg or DAConfig()
     log = log or (lambda *a: None)
+    stage = stage or (lambda name: None)
     layers = lora_targets(model)
     if not layers:
         raise ValueError("model has no LoRA layers: call llama.add_lora(model, ...) first")
@@ -796,11 +800,13 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
         report["samples"] = len(samples)
         if len(samples) < shard[1]:
             raise ValueError(f"{len(samples)} samples for {method} cannot be shared by {shard[1]} processes")
+        stage("statistics")
         stats = input_statistics(model, samples[shard[0]::shard[1]], loss_fn, layers,
                                  batch_size=cfg.stats_batch_size,
                                  token_mask=cfg.eva_token_mask if method == "eva" else "all", reduce=reduce)
         t1 = time.perf_counter()
         report["seconds"]["statistics"] = t1 - t0
+        stage("solve")
         ratios = {}
         for name, m in layers.items():
             W0, st = weight_of(m).detach(), stats[name]
@@ -827,11 +833,13 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
         for gi, names in enumerate(groups):
             t1 = time.perf_counter()
             group = {name: layers[name] for name in names}
+            stage("statistics")
             stats = kfac_statistics(model, used[shard[0]::shard[1]], loss_fn, group, batch_size=cfg.stats_batch_size,
                                     token_mask=cfg.token_mask, y_full=cfg.y_full, factors=method in ("da", "whitened"),
                                     reduce=reduce)
             t2 = time.perf_counter()
             report["seconds"]["statistics"] += t2 - t1
+            stage("solve")
             for name in names:
                 m, G = layers[name], stats.G[name]
                 if method == "ga":    # W0 <- W0 − s·B A: the output is unchanged at step 0
@@ -857,6 +865,7 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
                 f"{time.perf_counter() - t1:.1f}s")
             del stats
 
+    stage(None)
     t3 = time.perf_counter()
     for name, (A, B, shift) in factors.items():
         m = layers[name]

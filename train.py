@@ -484,6 +484,7 @@ def dry_run(cfg, args: llama.ModelArgs, device):
             (f"activations, batch {B} x {T} tokens (estimate)", gib(act)),
             (f"peak, statistics pass ({cfg.stats_batch_size} samples per pass)",
              gib(n_params * bytes_w + G + Z + Y + act * cfg.stats_batch_size // B)),
+            ("peak, solve", gib(n_params * bytes_w + G + Z + Y + M)),
             ("peak, training", gib(n_params * bytes_w + lora * 16 + act))]
     print(f"dry run: {cfg.checkpoint or cfg.model} on {device}, dtype {cfg.dtype}, {len(shapes)} LoRA layers")
     w = max(len(k) for k, _ in rows)
@@ -727,9 +728,54 @@ def accuracy(ev):
 # -----------------------------------------------------------------------------
 # the pieces of one run, in the order run() calls them
 
-def lora_model(cfg, setup):
-    """A fresh copy of the base model with LoRA on the chosen targets; only the LoRA factors train."""
-    model = copy.deepcopy(setup.base)
+class PeakMemory:
+    """Peak memory of each stage of a run (statistics pass, solve, training), in GiB, for metrics.json and the
+    check of --dry-run's plan. On CUDA: the peak of allocated tensors (torch's counter). On Linux CPU: the
+    process's peak resident set (VmHWM, reset between stages through /proc/self/clear_refs), which also
+    counts torch's runtime and the data. Elsewhere: nothing is recorded."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        self.ok = self.cuda or Path("/proc/self/clear_refs").exists()
+        self.peaks, self.current = {}, None
+
+    def _reset(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.ok = False
+
+    def _read(self):
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2 ** 30
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20  # kB
+        return 0.0
+
+    def stage(self, name):
+        """`name` begins now (None: the last one ended); a stage met several times (one pass per group of
+        blocks) keeps its largest peak."""
+        if not self.ok:
+            return
+        if self.current is not None:
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), round(self._read(), 3))
+        self._reset()
+        self.current = name
+
+
+def lora_model(cfg, setup, take=False):
+    """A fresh copy of the base model with LoRA on the chosen targets; only the LoRA factors train.
+    take: the run is the only one (one method, one seed): use the base itself, not a copy, so a 7B model is
+    held once, not twice; the setup cannot serve another run after that."""
+    if setup.base is None:
+        raise RuntimeError("this setup's base model was taken by a single run; load it again for another")
+    model = setup.base if take else copy.deepcopy(setup.base)
+    if take:
+        setup.base = None
     llama.add_lora(model, r=cfg.rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets.split(","),
                    rslora=cfg.rslora, dropout=cfg.dropout, freeze_A=cfg.freeze_A)
     llama.mark_only_lora_trainable(model)
@@ -759,8 +805,10 @@ def initialize(cfg, model, method, seed, N, setup, out_dir, log):
     t0 = time.perf_counter()
     samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id) if method in lora_da.DATA_AWARE else None
     d = setup.dist
+    memory = PeakMemory(setup.device)
     report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log, shard=(d.rank, d.world),
-                                reduce=d.sum_ if d.world > 1 else None)
+                                reduce=d.sum_ if d.world > 1 else None, stage=memory.stage)
+    metrics["peak_memory_gib"] = memory.peaks
     metrics["init_seconds"], metrics["init_report"] = time.perf_counter() - t0, report
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
@@ -926,15 +974,17 @@ def write_outputs(cfg, model, setup, out_dir, config, metrics, log, history=None
 # -----------------------------------------------------------------------------
 # one run: load -> LoRA -> init or resume -> the loop -> outputs
 
-def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
-    """One method, one seed: load -> LoRA -> init (or resume) -> the loop -> outputs; returns the metrics."""
+def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=False):
+    """One method, one seed: load -> LoRA -> init (or resume) -> the loop -> outputs; returns the metrics.
+    take: the setup serves this run only, so its base model is used in place (lora_model)."""
+    take = take or setup is None
     setup = setup or load(cfg, log)
     d = setup.dist
     log = log if d.main else (lambda *a: None)  # one process speaks
     task, N, t_start = setup.task, len(setup.task.train), time.perf_counter()
     torch.manual_seed(seed)  # LoRA's random A comes from here: the same seed, the same init
     log(f"[{method} seed {seed}] -> {out_dir}")
-    model = lora_model(cfg, setup)
+    model = lora_model(cfg, setup, take=take)
     params = [p for p in model.parameters() if p.requires_grad]  # A and B of each layer, fp32 (B only if frozen A)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     ckpt_file, config = out_dir / "ckpt.pt", resolved(cfg, method, seed, N, setup.data_dir)
@@ -949,6 +999,8 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
     warmup_steps, perms, first_step = int(cfg.warmup * cfg.steps), {}, step
     clock = Clock(metrics)
     model.train()
+    memory = PeakMemory(setup.device)
+    memory.stage("training")
     while step < cfg.steps:
         lr = get_lr(step, cfg.lr, cfg.steps, warmup_steps)
         for group in optimizer.param_groups:
@@ -978,6 +1030,9 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print):
             if d.main:
                 save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
 
+    memory.stage(None)
+    if memory.peaks:
+        metrics.setdefault("peak_memory_gib", {}).update(memory.peaks)
     finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, log)
     if d.main:
         save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
