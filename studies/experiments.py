@@ -824,6 +824,27 @@ def collapsed(record, share=0.95):
     return p is not None and max(p, 1 - p) >= share
 
 
+def baselines_extra(study, runs, chosen, out):
+    """The baselines' family of comparisons under Holm's correction, and the runs that collapsed to one class
+    (counted only where the run recorded its predictions: the runs made before that say "not recorded")."""
+    acc = report_scores(study, runs, chosen, "accuracy")
+    family = study.pairs or tuple(("da", c.name) for c in study.cells if c.name != "da")
+    pairs = [(x, y) for x, y in family if x in acc and y in acc and len(set(acc[x]) & set(acc[y])) >= 2]
+    p = {f"{x} − {y}": paired_p(acc[x], acc[y]) for x, y in pairs}
+    adjusted = holm(p)
+    lines = ["## 4. LoRA-DA's comparisons under Holm's correction (test accuracy, α = 0.05), and collapse to one class", "",
+             "| a − b | Δ (points) | p (paired t) | unadjusted | Holm | b's runs collapsed (≥ 95% one label) |",
+             "|---|---|---|---|---|---|"]
+    for x, y in pairs:
+        k, (d, h, _) = f"{x} − {y}", paired(acc[x], acc[y])
+        recs = [r for sd in study.seeds if (r := runs.get(run_name(y, chosen.get(y, 0), sd, "report"))) and "metrics" in r]
+        known = [r for r in recs if r["metrics"].get("final", {}).get("predicted_positive") is not None]
+        col = f"{sum(map(collapsed, known))} of {len(known)}" if len(known) == len(recs) else "not recorded"
+        lines.append(f"| {k} | {100 * d:+.2f} ± {100 * h:.2f} | {p[k]:.3f} | {'resolved' if p[k] <= 0.05 else '–'} | "
+                     f"{'resolved' if adjusted[k] else '–'} | {col} |")
+    return lines
+
+
 def babyllama_extra(study, runs, chosen, out):
     """The second model's diagnostics: collapse to one class, Holm over the pairs, the variance/bias ratio per
     layer, how far A moves, and what its character tokenizer does to SST-2 (truncation, <unk>)."""
@@ -950,7 +971,7 @@ def llama_models():
     return tuple(llama.MODELS)
 
 
-EXTRAS = {"babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
+EXTRAS = {"baselines": baselines_extra, "babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
 
 
 def main(argv=None):
