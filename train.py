@@ -469,7 +469,12 @@ def dry_run(cfg, args: llama.ModelArgs, device):
     z_dims = {shared.get(n.rsplit(".", 1)[-1], n): s[1] for n, s in shapes.items() if n.startswith("layers.0.")}
     Z = sum(d * d for d in z_dims.values()) * blocks * 4
     Y = sum((o * o if cfg.y_full else o) for o, _ in per_block) * blocks * 4
-    M = max(i for _, i in per_block) ** 2 * 8 * 3  # fp64: Z⁻¹, M and eigh workspace, one layer at a time
+    # fp64, one layer at a time: Z's Cholesky factor, M, and eigh's eigenvectors and workspace (2 d_in²)
+    M = max(i for _, i in per_block) ** 2 * 8 * 5
+    temp = max(o * i + i * i for o, i in per_block) * 4  # the statistics pass's largest per-layer temporaries
+    # what the process holds besides tensors (torch, tokenizer, data): on CPU its resident set, measured
+    # here now that torch is loaded; on CUDA the counters see tensors only
+    runtime = 0 if str(device).startswith("cuda") else _rss_bytes()
     r = cfg.rank
     lora = sum(r * (o + i) for o, i in shapes.values())
     T = cfg.max_len or min(512, args.max_seq_len)
@@ -478,19 +483,29 @@ def dry_run(cfg, args: llama.ModelArgs, device):
     # activations kept for backward per block: ~ norms, q/k/v/o, attention out, SwiGLU (3 × hidden), residuals
     act = B * T * (10 * args.dim + 4 * hidden) * bytes_w * args.n_layers + B * T * args.vocab_size * 4 * 2
     rows = [("parameters", f"{n_params:,}"), ("weights", gib(n_params * bytes_w)),
+            ("runtime: this process with torch loaded (CPU resident set, measured)", gib(runtime)),
             (f"G, {blocks} blocks per pass (fp32)", gib(G)), (f"Z + Y, {blocks} blocks per pass (fp32)", gib(Z + Y)),
-            ("eigenproblem, one layer (fp64)", gib(M)),
+            ("eigenproblem, one layer (fp64: factor, M, eigenvectors, workspace)", gib(M)),
             (f"LoRA r={r} + AdamW state (fp32: param, grad, 2 moments)", gib(lora * 4 * 4)),
             (f"activations, batch {B} x {T} tokens (estimate)", gib(act)),
             (f"peak, statistics pass ({cfg.stats_batch_size} samples per pass)",
-             gib(n_params * bytes_w + G + Z + Y + act * cfg.stats_batch_size // B)),
-            ("peak, solve", gib(n_params * bytes_w + G + Z + Y + M)),
-            ("peak, training", gib(n_params * bytes_w + lora * 16 + act))]
+             gib(runtime + n_params * bytes_w + G + Z + Y + temp + act * cfg.stats_batch_size // B)),
+            ("peak, solve", gib(runtime + n_params * bytes_w + G + Z + Y + M)),
+            ("peak, training", gib(runtime + n_params * bytes_w + lora * 16 + act))]
     print(f"dry run: {cfg.checkpoint or cfg.model} on {device}, dtype {cfg.dtype}, {len(shapes)} LoRA layers")
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v:>14}")
     return dict(rows)
+
+
+def _rss_bytes():
+    """This process's resident set in bytes (Linux), else 0."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
 
 
 def gib(nbytes):
@@ -737,7 +752,7 @@ class PeakMemory:
     def __init__(self, device):
         self.cuda = str(device).startswith("cuda")
         self.ok = self.cuda or Path("/proc/self/clear_refs").exists()
-        self.peaks, self.current = {}, None
+        self.peaks, self.held, self.current = {}, {}, None
 
     def _reset(self):
         if self.cuda:
@@ -764,6 +779,8 @@ class PeakMemory:
         if self.current is not None:
             self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), round(self._read(), 3))
         self._reset()
+        if name is not None and name not in self.held:
+            self.held[name] = round(self._read(), 3)  # right after the reset: what the stage starts from
         self.current = name
 
 
@@ -808,7 +825,7 @@ def initialize(cfg, model, method, seed, N, setup, out_dir, log):
     memory = PeakMemory(setup.device)
     report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log, shard=(d.rank, d.world),
                                 reduce=d.sum_ if d.world > 1 else None, stage=memory.stage)
-    metrics["peak_memory_gib"] = memory.peaks
+    metrics["peak_memory_gib"], metrics["memory_at_start_gib"] = memory.peaks, memory.held
     metrics["init_seconds"], metrics["init_report"] = time.perf_counter() - t0, report
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
@@ -1033,6 +1050,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=F
     memory.stage(None)
     if memory.peaks:
         metrics.setdefault("peak_memory_gib", {}).update(memory.peaks)
+        metrics.setdefault("memory_at_start_gib", {}).update(memory.held)
     finish(cfg, model, setup, out_dir, metrics, history, step, clock, t_start, log)
     if d.main:
         save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
