@@ -53,7 +53,7 @@ class DAConfig:
     normalize: bool = True       # divide ΔW by its largest singular value σ (and the variance by σ²)
     y_full: bool = False         # Y as a full (d_out, d_out) matrix instead of its diagonal
     token_mask: str = "all"      # tokens counted in Z and Y: "all" non-padding tokens, or "labels" (loss tokens)
-    solver: str = "eigh"         # "eigh" (dense) or "lobpcg" (large d_in; falls back to eigh)
+    solver: str = "eigh"         # "eigh" (dense, exact) or "lobpcg" (faster at large d_in, not always the minimum)
     # the statistics pass (theory.md §4)
     stats_batch_size: int = 16   # samples per forward pass; 1 is the explicit per-sample loop (same numbers)
     layers_per_pass: int = 0     # transformer blocks per statistics pass (bounds memory on 7B); 0: all

@@ -92,7 +92,9 @@ SETTINGS = {
                                                   "same numbers)"),
         "layers_per_pass": (DA.layers_per_pass, "transformer blocks per statistics pass, bounds memory on 7B "
                                                 "(paper: 8; 0: all)"),
-        "solver": (DA.solver, "eigensolver for A0: eigh (dense) or lobpcg (large d_in)"),
+        "solver": (DA.solver, "eigensolver for A0: eigh (dense, exact: the default at every width) or lobpcg "
+                              "(2.4x faster at d_in 11,008, but on few-token statistics it can end in a slightly "
+                              "worse subspace: studies/results/shapes7b)"),
         "ga_gamma": (DA.ga_gamma, "LoRA-GA gamma (its official code: 16)"),
         "ga_samples": (DA.ga_samples, "LoRA-GA gradient samples (its reproduce config: 8; its example: 128)"),
         "one_gamma": (DA.one_gamma, "LoRA-One gamma (its paper: 128)"),
@@ -1166,12 +1168,12 @@ def main(argv=None):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where a shell started us ignoring it
         signal.signal(signal.SIGTERM, terminated)  # SIGTERM ends like Ctrl-C: one line, the checkpoint intact
         try:
-            setup = load(cfg, print if dist.main else (lambda *a: None), dist)  # once; every run copies the model
+            setup = load(cfg, print if dist.main else (lambda *a: None), dist)  # once; runs copy it, a single run takes it
             results = {}
             for method in cfg.methods:
                 for seed in range(cfg.seed, cfg.seed + cfg.seeds):
                     run_dir = out / f"{method}-s{seed}" if multi else out
-                    results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup))
+                    results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup, take=not multi))
             if multi and dist.main:
                 print(compare(results, out, cfg))
         finally:

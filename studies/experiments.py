@@ -10,6 +10,7 @@ training set, then trained with several seeds and compared on the test set with 
     python studies/experiments.py ablation               #   bias/variance/normalization/γ ablation,
     python studies/experiments.py rank                   #   rank r,
     python studies/experiments.py frozen-a               #   LoRA-FA against standard LoRA, and how far A moves,
+    python studies/experiments.py function-space         #   theory.md §11's subspace against LoRA-DA's, both modes,
     python studies/experiments.py distance               #   tasks at increasing distance from pretraining
     python studies/experiments.py baselines --jobs 2     # J processes of one thread each (the default: 2)
     python studies/experiments.py baselines --list       # the grid, and which runs are already done
@@ -147,6 +148,10 @@ ABLATION = (Cell("lora", "lora"), Cell("da", "da"), Cell("da-beta0", "da", ("--b
             Cell("da-g4096", "da", ("--gamma", "4096")))
 FROZEN = tuple(c for m in ("lora", "one", "da") for c in
                (Cell(m, m), Cell(f"{m}-FA", m, ("--freeze-A",), ("--freeze-A",), "FA", series=f"{m} (A frozen)")))
+# theory.md §11's function-space subspace as an init: only A0's direction differs from LoRA-DA's (same scale and
+# initial step), in standard and frozen-A training; LoRA's and LoRA-DA's cells are frozen-a's runs, copied
+SUBSPACE = tuple(c for m in ("lora", "da", "whitened") for c in
+                 (Cell(m, m), Cell(f"{m}-FA", m, ("--freeze-A",), ("--freeze-A",), "FA", series=f"{m} (A frozen)")))
 # the second real model: babyllama936K (width 128, 5 layers, a 105-character tokenizer, 256-token context), the
 # baselines' protocol at half their tokens (200 steps x 32), LoRA-FA beside standard LoRA for lora and da
 BABY = ("--model", "babyllama936K", "--task", "sst2", "--steps", "200", "--eval-interval", "0", "--val-size", "1000",
@@ -190,6 +195,11 @@ STUDIES = {
                               ("lora-FA", "lora")),
                        question="Does LoRA-DA still lose to LoRA on a second real model, twice as wide, with a "
                                 "character tokenizer (babyllama936K)?"),
+    "function-space": Study("sst2", SUBSPACE, LRS + (3e-2, 1e-1), (101, 102), (1, 2, 3, 4, 5), SCALE,
+                            pairs=(("whitened", "da"), ("whitened", "lora"), ("whitened-FA", "da-FA"),
+                                   ("whitened-FA", "lora-FA")),
+                            question="Does the subspace that minimizes LoRA-FA's excess risk (theory.md §11) do better "
+                                     "than LoRA-DA's, with the same scale and initial step?"),
     "distance": Study("sst2", (), (), (), (), (), of=("baselines", "gsm8k"),
                       question="Does LoRA-DA's gain shrink as the task moves away from pretraining (open question 1)?"),
     "mechanism": Study("sst2", (), (), (), (), (),
