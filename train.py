@@ -498,6 +498,8 @@ def dry_run(cfg, args: llama.ModelArgs, device):
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v:>14}")
+    print("  checked: the three peaks against the measured peak memory of LLaMA-2-7B's shapes at 1 block on CPU "
+          "(measured: 0.98x, 1.13x, 1.15x the plan; studies/shapes7b.py); the activations row only at 2 x 64 tokens")
     return dict(rows)
 
 

@@ -4,6 +4,7 @@ Where a default run's time goes, before and after the throughput work; prints a 
     python studies/bench.py                 # 2 threads (the CI machine), about a minute
     python studies/bench.py --threads 1     # as studies/experiments.py runs each job
     python studies/bench.py --model babyllama936K   # the second real model: width 128, ~3x longer sequences
+    python studies/shapes7b.py                      # LLaMA-2-7B's shapes: memory per stage, the eigensolvers at 4,096/11,008
 
 "before" is the straightforward form, kept here as the reference: every micro-batch padded to its
 longest sequence, logits over the whole vocabulary at every position, evaluation in file order.

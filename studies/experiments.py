@@ -842,7 +842,7 @@ def baselines_extra(study, runs, chosen, out):
     pairs = [(x, y) for x, y in family if x in acc and y in acc and len(set(acc[x]) & set(acc[y])) >= 2]
     p = {f"{x} − {y}": paired_p(acc[x], acc[y]) for x, y in pairs}
     adjusted = holm(p)
-    lines = ["## 4. LoRA-DA's comparisons under Holm's correction (test accuracy, α = 0.05), and collapse to one class", "",
+    lines = ["## 4. The study's comparisons under Holm's correction (test accuracy, α = 0.05), and collapse to one class", "",
              "| a − b | Δ (points) | p (paired t) | unadjusted | Holm | b's runs collapsed (≥ 95% one label) |",
              "|---|---|---|---|---|---|"]
     for x, y in pairs:
@@ -981,7 +981,7 @@ def llama_models():
     return tuple(llama.MODELS)
 
 
-EXTRAS = {"baselines": baselines_extra, "babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
+EXTRAS = {"baselines": baselines_extra, "function-space": baselines_extra, "babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
 
 
 def main(argv=None):
