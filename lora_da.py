@@ -619,14 +619,14 @@ def eva_init(mean, cov, r):
     """EVA (Paischer et al. 2024, peft eva.py): A = the top-r principal directions of the layer inputs
     (rows, unit norm: whiten=False), B = 0, W0 kept. PEFT runs an incremental PCA over batches until the
     components settle; this is the exact PCA of the same centred covariance, the limit it converges to.
-    mean (d_in,), cov (d_in, d_in) = E[x xᵀ] − mean meanᵀ. Returns (A, B, explained-variance ratios)."""
-    evals, evecs = torch.linalg.eigh(cov.double())
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)           # descending
+    mean (d_in,), cov (d_in, d_in) = E[x xᵀ] − mean meanᵀ. Returns (A, explained-variance ratios); B is 0."""
     if r > cov.shape[0]:
         raise ValueError(f"EVA needs r <= d_in = {cov.shape[0]}, got r={r}")
+    evals, evecs = torch.linalg.eigh(cov.double())
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)           # descending
     V = canonical_signs(evecs[:, :r])                                   # (d_in, r), largest-|.| entry positive
     ratio = evals / evals.sum().clamp_min(torch.finfo(evals.dtype).tiny)
-    return V.T.float(), torch.zeros(0), ratio
+    return V.T.float(), ratio
 
 
 def eva_ranks(ratios: dict, r: int, rho: float = 2.0) -> dict:
@@ -825,7 +825,7 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
                 factors[name] = (A.cpu(), B.cpu(), True)
                 report["layers"][name] = {"damping": lam}
             else:
-                A, _, ratios[name] = eva_init(st["mean"], st["cov"], m.r)
+                A, ratios[name] = eva_init(st["mean"], st["cov"], m.r)
                 factors[name] = (A.cpu(), torch.zeros(W0.shape[0], m.r), False)
                 report["layers"][name] = {"explained": ratios[name][:m.r].sum().item()}
         if method == "eva":
