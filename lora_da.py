@@ -54,6 +54,11 @@ class DAConfig:
     y_full: bool = False         # Y as a full (d_out, d_out) matrix instead of its diagonal
     token_mask: str = "all"      # tokens counted in Z and Y: "all" non-padding tokens, or "labels" (loss tokens)
     solver: str = "eigh"         # "eigh" (dense, exact) or "lobpcg" (faster at large d_in, not always the minimum)
+    relative_damping: float = 0.0  # k > 0: λ_Z = k·tr(Z)/d_in and λ_Y = k·mean(Y) replace λ (K-FAC practice, §12)
+    # the attribution controls (theory.md §12): change one of A0's direction, A's scale and the initial step
+    direction: str = "da"        # A0: "da" (Eq. 10), "random" (LoRA's rows, orthonormalized), "gradient" (top-r of G)
+    a_scale: str = "da"          # rows of A: "da" (norm 1/√γ, Eq. 11) or "lora" (norm 1/√3, LoRA's Kaiming rows)
+    step: bool = True            # B0 = ΔW A0/(γ·scale), so B A = ΔW A0 A0ᵀ/γ (Eq. 11); False: B0 = 0
     # the statistics pass (theory.md §4)
     stats_batch_size: int = 16   # samples per forward pass; 1 is the explicit per-sample loop (same numbers)
     layers_per_pass: int = 0     # transformer blocks per statistics pass (bounds memory on 7B); 0: all
@@ -69,11 +74,11 @@ class DAConfig:
     def __post_init__(self):
         """The one place these settings are checked (train.py's command line reports the same errors with
         the flag's name); the functions below trust a DAConfig."""
-        for name in ("alpha", "beta", "gamma", "damping", "ga_gamma", "one_gamma", "eva_rho"):
+        for name in ("alpha", "beta", "gamma", "damping", "ga_gamma", "one_gamma", "eva_rho", "relative_damping"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise SettingError(name, f"must be a finite number, got {v}")
-        for name in ("alpha", "beta"):
+        for name in ("alpha", "beta", "relative_damping"):
             if getattr(self, name) < 0:
                 raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.alpha == 0 and self.beta == 0:
@@ -87,7 +92,8 @@ class DAConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise SettingError(name, f"must be an integer >= {lo}, got {v}")
         for name, allowed in (("token_mask", ("all", "labels")), ("eva_token_mask", ("all", "labels")),
-                              ("solver", ("eigh", "lobpcg"))):
+                              ("solver", ("eigh", "lobpcg")), ("direction", ("da", "random", "gradient")),
+                              ("a_scale", ("da", "lora"))):
             if getattr(self, name) not in allowed:
                 raise SettingError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
@@ -430,6 +436,39 @@ def smallest_eigenvectors(M, r, solver="eigh", seed=0):
 # theory.md §8, Eq. 11. The factors
 # =============================================================================
 
+def dampings(Z, Y, cfg: DAConfig):
+    """(λ_Z, λ_Y): the authors' absolute λ for both factors, or, with relative_damping k > 0, each factor's own
+    scale as K-FAC practice sets it (§12): λ_Z = k·tr(Z)/d_in, λ_Y = k·mean(Y) (the mean of Y's diagonal when
+    Y is full). An absolute λ = 1e-6 is far below Z's eigenvalues but close to Y's median in some layers, so
+    there Y⁻¹ is set by λ, not by the data."""
+    if cfg.relative_damping == 0:
+        return cfg.damping, cfg.damping
+    k = cfg.relative_damping
+    Yd = Y if Y.dim() == 1 else Y.diagonal()
+    return k * Z.double().diagonal().mean().item(), k * Yd.double().mean().item()
+
+
+def control_direction(direction, G, r, seed=0):
+    """§12's other row spaces for A0 (d_in, r), orthonormal: "random" is the span of LoRA's own random A for the
+    layer (the same seed), "gradient" the top-r right singular vectors of G (LoRA-One's and LoRA-GA's A)."""
+    d_out, d_in = G.shape
+    if direction == "random":
+        A = lora_init(d_out, d_in, r, torch.Generator().manual_seed(seed))[0]
+        return canonical_signs(torch.linalg.qr(A.double().T)[0])
+    return svd_canonical(G)[2][:r].T.contiguous()
+
+
+def scaled_factors(dW, A0, cfg: DAConfig):
+    """Eq. 11 with §12's two switches: lora_A = s·A0ᵀ with s = 1/√γ (LoRA-DA) or 1/√3 (the row norm of LoRA's
+    Kaiming-uniform A, whose entries have variance 1/(3 d_in)); lora_B = ΔW A0/(γ s), so that B A = ΔW A0 A0ᵀ/γ
+    at either scale, or 0 without the initial step."""
+    root = math.sqrt(cfg.gamma if cfg.a_scale == "da" else 3.0)    # 1/s
+    lora_A = A0.T / root
+    if not cfg.step:
+        return lora_A, dW.new_zeros(dW.shape[0], A0.shape[1])
+    return lora_A, dW @ A0 / math.sqrt(cfg.gamma) * (root / math.sqrt(cfg.gamma))   # × 1.0 at LoRA-DA's scale
+
+
 def lora_da_solve(G, Z, Y, r, cfg: DAConfig, *, seed=0, name=""):
     """Eqs. 5-11 for one layer, each by the function that theory.md names; returns a dict with
     lora_A, lora_B and the diagnostics (A0, ΔW, σ, bias and variance at A0)."""
@@ -442,9 +481,10 @@ def lora_da_solve(G, Z, Y, r, cfg: DAConfig, *, seed=0, name=""):
                          f"got {cfg.N}")
     where = f" in layer {name}" if name else ""
 
-    Lz = damped_cholesky(Z, cfg.damping, "Z", name)   # Z + λI = L Lᵀ, factored once for Eqs. 5, 7, 9
+    lam_z, lam_y = dampings(Z, Y, cfg)                # λ, or each factor's own (§12)
+    Lz = damped_cholesky(Z, lam_z, "Z", name)         # Z + λI = L Lᵀ, factored once for Eqs. 5, 7, 9
     # ΔW = −Y⁻¹ G Z⁻¹                                                            (Eq. 5)
-    dW = natural_gradient(G, Z, Y, cfg.damping, name, Lz=Lz)
+    dW = natural_gradient(G, Z, Y, lam_y, name, Lz=Lz)
     # σ = ‖ΔW‖₂; ΔW ← ΔW/σ, so the bias term is divided by σ² and the variance coefficient must be too,
     # or β would be measured against the loss scale: c = tr(Y⁻¹)/(N σ²), as the authors' code (Eq. 11)
     sigma = torch.linalg.matrix_norm(dW, ord=2).item()
@@ -455,21 +495,22 @@ def lora_da_solve(G, Z, Y, r, cfg: DAConfig, *, seed=0, name=""):
     else:
         var_scale = 1.0
     # M = −α ΔWᵀΔW + β c Z⁻¹,  c = tr(Y⁻¹)/N                                    (Eq. 9)
-    c = trace_Y_inv(Y, cfg.damping) / cfg.N * var_scale
+    c = trace_Y_inv(Y, lam_y) / cfg.N * var_scale
     M = guidance_matrix(dW, torch.cholesky_inverse(Lz), c, cfg.alpha, cfg.beta)
     # A0 = the r eigenvectors of M with the smallest eigenvalues                 (Eq. 10)
     A0, used = smallest_eigenvectors(M, r, cfg.solver, seed)
+    if cfg.direction != "da":                         # a control: another row space, the same ΔW (§12)
+        A0 = control_direction(cfg.direction, G, r, seed)
     # lora_A = A0ᵀ/√γ, lora_B = ΔW A0/√γ, so B A = ΔW A0 A0ᵀ/γ                   (Eq. 11)
-    lora_A = A0.T / math.sqrt(cfg.gamma)
-    lora_B = dW @ A0 / math.sqrt(cfg.gamma)
+    lora_A, lora_B = scaled_factors(dW, A0, cfg)
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
         raise ValueError(f"non-finite LoRA-DA factor{where}; raise the damping")
     # the two terms of Eq. 8 at the chosen A0 (in ΔW/σ units when normalized)    (Eqs. 6, 7)
     bias = bias_term(dW, A0).item()
-    var = (variance_term(Z, Y, A0, cfg.N, cfg.damping, Lz=Lz) * var_scale).item()
+    var = (variance_term(Z, Y, A0, cfg.N, lam_y, Lz=Lz) * var_scale).item()
     dW_fro = torch.linalg.matrix_norm(dW).item() * (sigma if cfg.normalize else 1.0)  # ‖ΔW‖_F, unnormalized
     return {"lora_A": lora_A.float(), "lora_B": lora_B.float(), "A0": A0, "dW": dW, "sigma": sigma,
-            "dW_fro": dW_fro, "bias": bias, "variance": var, "solver": used}
+            "dW_fro": dW_fro, "bias": bias, "variance": var, "solver": used, "damping": (lam_z, lam_y)}
 
 
 def lora_da_factors(G, Z, Y, r, cfg: DAConfig, *, seed=0):
@@ -494,8 +535,9 @@ def inverse_sqrt(S, damping):
 def whitened_gradient_subspace(G, Z, Y, r, damping):
     r"""Eq. 16: the rows of A that minimize the excess-risk bias of LoRA-FA span $Z^{-1/2} V_r$, with $V_r$ the
     top-r right singular vectors of the Fisher-whitened gradient $Y^{-1/2} G Z^{-1/2}$. Returns A0 (d_in, r),
-    orthonormal: the same subspace, in the form LoRA-DA's factors take (Eq. 11)."""
-    Zih, Yih = inverse_sqrt(Z, damping), inverse_sqrt(Y, damping)
+    orthonormal: the same subspace, in the form LoRA-DA's factors take (Eq. 11). damping: λ, or (λ_Z, λ_Y)."""
+    lam_z, lam_y = damping if isinstance(damping, tuple) else (damping, damping)
+    Zih, Yih = inverse_sqrt(Z, lam_z), inverse_sqrt(Y, lam_y)
     # M = Y^(-1/2) G Z^(-1/2)   (= −Y^(1/2) ΔW Z^(1/2) in the linear-Gaussian model)
     M = (Yih[:, None] * G.double() if Yih.dim() == 1 else Yih @ G.double()) @ Zih
     V_r = torch.linalg.svd(M, full_matrices=False)[2][:r].T          # (d_in, r)
@@ -507,11 +549,12 @@ def whitened_solve(G, Z, Y, r, cfg: DAConfig, *, name=""):
     """LoRA-DA's factors (Eq. 11: ΔW normalized as configured, lora_A = A0ᵀ/√γ, lora_B = ΔW A0/√γ) on the
     whitened-gradient subspace (Eq. 16) instead of Eq. 10's: only the direction of A differs."""
     _check_inputs(G, Z, Y, name)
-    dW = natural_gradient(G, Z, Y, cfg.damping, name)
+    lam_z, lam_y = dampings(Z, Y, cfg)
+    dW = natural_gradient(G, Z, Y, lam_y, name, Lz=damped_cholesky(Z, lam_z, "Z", name))
     sigma = torch.linalg.matrix_norm(dW, ord=2).item()
     if cfg.normalize and sigma > 0:
         dW = dW / sigma
-    A0 = whitened_gradient_subspace(G, Z, Y, r, cfg.damping)
+    A0 = whitened_gradient_subspace(G, Z, Y, r, (lam_z, lam_y))
     lora_A, lora_B = A0.T / math.sqrt(cfg.gamma), dW @ A0 / math.sqrt(cfg.gamma)
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
         raise ValueError(f"non-finite factor{' in layer ' + name if name else ''}; raise the damping")
@@ -869,7 +912,8 @@ def initialize(model, method: str, samples: list = None, loss_fn: Callable = cau
                                               "W0_fro": torch.linalg.matrix_norm(weight_of(m).float()).item(),
                                               "bias": out["bias"],
                                               "variance": out["variance"], "Y_median": Yd.median().item(),
-                                              "damping": cfg.damping, "solver": out["solver"]}
+                                              "damping": out["damping"][0], "damping_Y": out["damping"][1],
+                                              "solver": out["solver"]}
             report["seconds"]["solve"] += time.perf_counter() - t2
             log(f"{method} init, pass {gi + 1}/{len(groups)}: {len(names)} layers, {len(used)} samples, "
                 f"{time.perf_counter() - t1:.1f}s")

@@ -95,6 +95,14 @@ SETTINGS = {
         "solver": (DA.solver, "eigensolver for A0: eigh (dense, exact: the default at every width) or lobpcg "
                               "(2.4x faster at d_in 11,008, but on few-token statistics it can end in a slightly "
                               "worse subspace: studies/results/shapes7b)"),
+        "relative_damping": (DA.relative_damping, "k > 0: damp each factor by its own scale, lambda_Z = k tr(Z)/d_in "
+                                                  "and lambda_Y = k mean(Y), instead of --damping (K-FAC practice)"),
+        "direction": (DA.direction, "control: LoRA-DA's A0 from Eq. 10 (da), LoRA's random rows (random) or the "
+                                    "gradient's top-r right singular vectors (gradient); the same dW"),
+        "a_scale": (DA.a_scale, "control: rows of A of norm 1/sqrt(gamma) (da) or 1/sqrt(3), LoRA's (lora)"),
+        "step": (DA.step, "LoRA-DA's initial step B A = dW A0 A0^T/gamma (--no-step: B = 0, the model unchanged)"),
+        "shuffle_labels": (False, "control: LoRA-DA's statistics from the same init samples with their answers "
+                                  "permuted among them (does the init encode the task, or the answer format?)"),
         "ga_gamma": (DA.ga_gamma, "LoRA-GA gamma (its official code: 16)"),
         "ga_samples": (DA.ga_samples, "LoRA-GA gradient samples (its reproduce config: 8; its example: 128)"),
         "one_gamma": (DA.one_gamma, "LoRA-One gamma (its paper: 128)"),
@@ -133,7 +141,8 @@ SETTINGS = {
 }
 CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"),
            "dtype": tuple(llama.DTYPES), "token_mask": ("all", "labels"),
-           "eva_token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg")}
+           "eva_token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg"), "direction": ("da", "random", "gradient"),
+           "a_scale": ("da", "lora")}
 METHODS = lora_da.METHODS
 # the settings train.py owns, by meaning (LoRA-DA's own are DAConfig's): name -> (test, what it must be)
 RANGES = {
@@ -429,12 +438,15 @@ class Task:
         prompt, answer = self.encoded[split][i]
         return len(prompt) + len(answer) - 1  # positions fed to the model
 
-    def batch(self, split, indices, pad_id, word=None):
+    def batch(self, split, indices, pad_id, word=None, answers=None):
         """tokens, targets (−100 except on answer tokens, and on <unk>: the loss never rewards predicting an
-        unknown character), attention_mask: (B, T), right-padded. word k: SST-2's label word k as every answer."""
+        unknown character), attention_mask: (B, T), right-padded. word k: SST-2's label word k as every answer;
+        answers: these answers instead of the examples' own, one per index."""
         pairs = [self.encoded[split][i] for i in indices]
         if word is not None:
             pairs = [(p, self.words[word]) for p, _ in pairs]
+        if answers is not None:
+            pairs = [(p, a) for (p, _), a in zip(pairs, answers)]
         T = max(len(p) + len(a) for p, a in pairs) - 1
         tokens = torch.full((len(pairs), T), pad_id)
         targets = torch.full((len(pairs), T), -100)
@@ -447,9 +459,16 @@ class Task:
         targets[targets == self.unk_id] = -100
         return {"tokens": tokens, "targets": targets, "attention_mask": mask}
 
-    def samples(self, n, pad_id):
-        """The head of the training set as single samples (no batch dim), padded to one length."""
-        b = self.batch("train", range(min(n, len(self.train))), pad_id)
+    def samples(self, n, pad_id, shuffle_labels=False):
+        """The head of the training set as single samples (no batch dim), padded to one length. shuffle_labels:
+        the same sentences with their answers permuted among them (a fixed permutation, seed 0): the label
+        distribution and the answer format stay, the link between a sentence and its label is gone."""
+        head = list(range(min(n, len(self.train))))
+        answers = None
+        if shuffle_labels:
+            perm = torch.randperm(len(head), generator=torch.Generator().manual_seed(0)).tolist()
+            answers = [self.encoded["train"][head[j]][1] for j in perm]
+        b = self.batch("train", head, pad_id, answers=answers)
         return [{k: v[i] for k, v in b.items()} for i in range(len(b["tokens"]))]
 
 
@@ -824,7 +843,8 @@ def initialize(cfg, model, method, seed, N, setup, out_dir, log):
         log(f"zero-shot: accuracy {accuracy(metrics['zero_shot'])}, loss {metrics['zero_shot']['loss']:.4f}")
     # statistics from the head of the training set, as the authors take them
     t0 = time.perf_counter()
-    samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id) if method in lora_da.DATA_AWARE else None
+    samples = (setup.task.samples(cfg.init_samples, setup.tok.pad_id, cfg.shuffle_labels)
+               if method in lora_da.DATA_AWARE else None)
     d = setup.dist
     memory = PeakMemory(setup.device)
     report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log, shard=(d.rank, d.world),

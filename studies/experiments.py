@@ -85,6 +85,7 @@ class Study:
     pairs: tuple = ()               # (cell, cell) paired differences to report (default: da − every other cell)
     xlabel: str = ""                # the plot's axis, when the cells have an x
     question: str = ""              # one line: what the study asks
+    tie_seeds: tuple = ()           # where a group's two best rates are within 1 point: more selection seeds at both
 
     @property
     def methods(self):
@@ -160,6 +161,57 @@ BABY_CELLS = plain(("lora", "ga", "one", "da")) + tuple(
     Cell(f"{m}-FA", m, ("--freeze-A",), ("--freeze-A",), "FA", series=f"{m} (A frozen)") for m in ("lora", "da"))
 
 
+# the attribution controls (theory.md §12): each cell changes one of A0's direction, A's scale, the initial step,
+# the statistics' labels and the damping; every cell is its own rate group (the scale sets the rate), in standard
+# and frozen-A training. lora, da and whitened are the frozen-a and function-space studies' runs, copied.
+CONTROL_INITS = (
+    ("lora", "lora", ()),                                                           # random direction, LoRA's scale
+    ("da", "da", ()),                                                               # as released
+    ("da-lorascale", "da", ("--a-scale", "lora", "--no-step")),                      # da direction at LoRA's scale
+    ("da-nostep", "da", ("--no-step",)),                                           # da direction and scale, B = 0
+    ("random-dascale", "da", ("--direction", "random", "--no-step")),                 # LoRA's direction at da's scale
+    ("random-dascale-step", "da", ("--direction", "random")),                       # ... with da's step projected on it
+    ("gradient-dascale", "da", ("--direction", "gradient", "--no-step")),            # LoRA-One/GA's direction
+    ("gradient-lorascale", "da", ("--direction", "gradient", "--a-scale", "lora", "--no-step")),
+    ("da-shuffled", "da", ("--shuffle-labels",)),                                   # statistics with labels permuted
+    ("da-rel1e-3", "da", ("--relative-damping", "1e-3")),                           # λ relative to each factor
+    ("da-rel1e-2", "da", ("--relative-damping", "1e-2")),
+    ("da-rel1e-1", "da", ("--relative-damping", "1e-1")),
+    ("whitened", "whitened", ()),                                                   # §11's direction, da's scale/step
+)
+def control_cells():
+    out = []
+    for name, method, args in CONTROL_INITS:
+        tag = name[len(method) + 1:] if name.startswith(method + "-") else ""   # "da-lorascale" -> "lorascale"
+        tag = tag or (name if name != method else "")
+        out += [Cell(name, method, args, args, tag, series="standard"),
+                Cell(f"{name}-FA", method, args + ("--freeze-A",), args + ("--freeze-A",), f"{tag}-FA" if tag else "FA",
+                     series="A frozen")]
+    return tuple(out)
+
+
+CONTROLS = control_cells()
+# what each difference isolates; the gap da − lora telescopes along two paths: step + scale + direction
+CONTROL_PAIRS = (("da", "lora", "the gap"),
+                 ("da", "da-nostep", "step (da direction, da scale)"),
+                 ("da-nostep", "da-lorascale", "scale (da direction, B = 0)"),
+                 ("da-lorascale", "lora", "direction (LoRA's scale, B = 0)"),
+                 ("da-nostep", "random-dascale", "direction (da's scale, B = 0)"),
+                 ("random-dascale", "lora", "scale (random direction, B = 0)"),
+                 ("random-dascale-step", "random-dascale", "step (random direction, da scale)"),
+                 ("gradient-dascale", "random-dascale", "gradient direction (da's scale, B = 0)"),
+                 ("gradient-lorascale", "lora", "gradient direction (LoRA's scale, B = 0)"),
+                 ("da", "da-shuffled", "the labels in the statistics"),
+                 ("da-rel1e-3", "da", "relative damping k = 1e-3"),
+                 ("da-rel1e-2", "da", "relative damping k = 1e-2"),
+                 ("da-rel1e-1", "da", "relative damping k = 1e-1"),
+                 ("whitened", "da", "§11's direction"))
+
+
+def control_pairs():
+    return tuple((a + fa, b + fa) for fa in ("", "-FA") for a, b, _ in CONTROL_PAIRS)
+
+
 def pairs_of(cells, key):
     """Paired comparisons between cells that agree on `key` (the study's axis)."""
     return tuple((a.name, b.name) for a in cells for b in cells if a.x == b.x and key(a, b))
@@ -200,6 +252,10 @@ STUDIES = {
                                    ("whitened-FA", "lora-FA")),
                             question="Does the subspace that minimizes LoRA-FA's excess risk (theory.md §11) do better "
                                      "than LoRA-DA's, with the same scale and initial step?"),
+    "controls": Study("sst2", CONTROLS, LRS + (3e-2, 1e-1), (101, 102), (1, 2, 3, 4, 5), SCALE, pairs=control_pairs(),
+                      tie_seeds=(103, 104, 105),
+                      question="Which of A0's direction, A's scale, the initial step, the labels and the damping "
+                               "explains LoRA-DA's gap to LoRA, in standard and in frozen-A training?"),
     "distance": Study("sst2", (), (), (), (), (), of=("baselines", "gsm8k"),
                       question="Does LoRA-DA's gain shrink as the task moves away from pretraining (open question 1)?"),
     "mechanism": Study("sst2", (), (), (), (), (),
@@ -404,22 +460,56 @@ def score(record, metric, split=None):
 # -----------------------------------------------------------------------------
 # the protocol
 
+def selection_means(study, group, runs, seeds, lrs=None) -> dict:
+    """{lr: mean validation score over seeds} while every run is there (stops at the first rate missing one)."""
+    means = {}
+    for lr in (study.lrs if lrs is None else lrs):
+        recs = [runs.get(run_name(group, lr, s, "select")) for s in seeds]
+        if any(r is None for r in recs):
+            break
+        assert all("failed" in r or r["metrics"]["final"]["split"] == "val" for r in recs)
+        means[lr] = float(np.mean([score(r, study.metric) for r in recs]))
+    return means
+
+
+def tied(study, means) -> tuple:
+    """The two best rates when they are within 1 point of accuracy and the study breaks ties (else ()): both get
+    the tie seeds, and the mean over all selection seeds decides between them."""
+    if not study.tie_seeds or study.metric != "accuracy" or len(means) < 2:
+        return ()
+    a, b = sorted(means, key=lambda lr: -means[lr])[:2]  # equal means keep the grid's order: the smaller rate first
+    return (a, b) if means[a] - means[b] <= 0.01 else ()
+
+
 def select_lrs(study, runs) -> dict:
     """Each rate group's learning rate (a group: a method at the settings its rate depends on): the best mean
-    validation score over the selection seeds. Reads only the selection runs, which never read the test split."""
+    validation score over the selection seeds; where the two best are within 1 point, the better of the two over
+    the selection and tie seeds. Reads only the selection runs, which never read the test split."""
     chosen = {}
     for group in study.groups:
-        means = {}
-        for lr in study.lrs:
-            recs = [runs.get(run_name(group, lr, s, "select")) for s in study.select_seeds]
-            if any(r is None for r in recs):
-                break
-            assert all("failed" in r or r["metrics"]["final"]["split"] == "val" for r in recs)
-            means[lr] = float(np.mean([score(r, study.metric) for r in recs]))
-        else:
-            best = max if study.metric == "accuracy" else min  # ties: the first (smallest) rate
-            chosen[group] = best(means, key=means.get)
+        means = selection_means(study, group, runs, study.select_seeds)
+        if len(means) < len(study.lrs):
+            continue
+        best = max if study.metric == "accuracy" else min  # ties: the first (smallest) rate
+        chosen[group] = best(means, key=means.get)
+        pair = tied(study, means)
+        if pair:
+            wide = selection_means(study, group, runs, study.select_seeds + study.tie_seeds, sorted(pair))
+            if len(wide) < 2:
+                del chosen[group]  # the tie seeds are not all in yet
+            else:
+                chosen[group] = max(wide, key=wide.get)
     return chosen
+
+
+def tie_grid(study, runs):
+    """(group, lr, seed) of the tie-break runs that the finished selection asks for."""
+    out = []
+    for group in study.groups:
+        means = selection_means(study, group, runs, study.select_seeds)
+        if len(means) == len(study.lrs):
+            out += [(group, lr, s) for lr in tied(study, means) for s in study.tie_seeds]
+    return out
 
 
 def grid(study, phase, chosen=None):
@@ -432,6 +522,11 @@ def grid(study, phase, chosen=None):
 def run_study(name, study, out, n_jobs, shared=None):
     sel = [(run_name(g, lr, s, "select"), run_args(study, g, lr, s, "select"), out) for g, lr, s in grid(study, "select")]
     run_all(sel, out, n_jobs, f"{name}: selection on the validation split", shared)
+    ties = [(run_name(g, lr, s, "select"), run_args(study, g, lr, s, "select"), out) for g, lr, s in
+            tie_grid(study, load_runs(out))]
+    if ties:
+        run_all(ties, out, n_jobs, f"{name}: tie-breaking seeds {study.tie_seeds} where the two best rates are within "
+                                   f"1 point", shared)
     chosen = select_lrs(study, load_runs(out))
     rep = [(run_name(c, lr, s, "report"), run_args(study, c, lr, s, "report"), out)
            for c, lr, s in grid(study, "report", chosen)]
@@ -477,8 +572,10 @@ def aggregate(name, study, out: Path) -> str:
     pct = study.metric == "accuracy"
     lines += [f"## 1. Learning-rate selection: mean validation {study.metric} over seeds "
               f"{', '.join(map(str, study.select_seeds))} (validation split carved from train; test never read)", "",
-              "| method | " + " | ".join(f"lr {lr:g}" for lr in study.lrs) + " | chosen |",
-              "|---|" + "---|" * (len(study.lrs) + 1)]
+              "| method | " + " | ".join(f"lr {lr:g}" for lr in study.lrs) +
+              (f" | two best within 1 point: mean over seeds {', '.join(map(str, study.select_seeds + study.tie_seeds))}"
+               if study.tie_seeds else "") + " | chosen |",
+              "|---|" + "---|" * (len(study.lrs) + 1 + bool(study.tie_seeds))]
     for g in study.groups:
         cells = []
         for lr in study.lrs:
@@ -487,7 +584,12 @@ def aggregate(name, study, out: Path) -> str:
             cell = (f"{100 * np.mean(vals):.2f}" if pct else f"{np.mean(vals):.4f}") if vals else "–"
             cells.append(f"**{cell}**" if chosen.get(g) == lr else cell)
         edge = " (grid edge)" if g in chosen and chosen[g] in (study.lrs[0], study.lrs[-1]) and len(study.lrs) > 2 else ""
-        lines.append(f"| {g} | " + " | ".join(cells) + (f" | {chosen[g]:g}{edge} |" if g in chosen else " | (incomplete) |"))
+        pair = tied(study, selection_means(study, g, runs, study.select_seeds))
+        wide = selection_means(study, g, runs, study.select_seeds + study.tie_seeds, sorted(pair)) if pair else {}
+        tie = (" vs ".join(f"{lr:g}: {100 * v:.2f}" for lr, v in wide.items()) if len(wide) == 2 else
+               "within 1 point, seeds pending" if pair else "–") if study.tie_seeds else ""
+        lines.append(f"| {g} | " + " | ".join(cells) + (f" | {tie}" if study.tie_seeds else "") +
+                     (f" | {chosen[g]:g}{edge} |" if g in chosen else " | (incomplete) |"))
     # 2. report
     lines += ["", f"## 2. Test results at each method's chosen rate: mean ± 95% CI over seeds "
               f"{', '.join(map(str, study.seeds))}", ""]
@@ -1010,6 +1112,9 @@ def main(argv=None):
         for m, lr, s in grid(study, "select"):
             n = run_name(m, lr, s, "select")
             print(("done  " if n in runs else "to do ") + n)
+        for m, lr, s in tie_grid(study, runs):
+            n = run_name(m, lr, s, "select")
+            print(("done  " if n in runs else "to do ") + n + " (tie-break)")
         chosen = select_lrs(study, runs)
         for m, lr, s in grid(study, "report", chosen):
             n = run_name(m, lr, s, "report")

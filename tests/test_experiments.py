@@ -3,6 +3,7 @@ selection never reads the test set, and the tables hold the right means, interva
 import math
 
 import pytest
+import torch
 
 import train
 from studies import experiments as E
@@ -128,6 +129,18 @@ def test_t_bar_is_the_mean_tokens_of_the_study_init_samples(data):
     samples = setup.task.samples(256, setup.tok.pad_id)
     t_bar = sum(int(s["attention_mask"].sum()) for s in samples) / len(samples)
     assert t_bar == pytest.approx(E.T_BAR, rel=0.02)
+
+
+def test_label_shuffled_init_samples_keep_the_sentences_and_the_label_counts_not_the_pairing(data):
+    # the controls' `--shuffle-labels`: the same prompts, the answers a fixed permutation of the same answers
+    cfg = train.get_args(list(E.SCALE))
+    setup = train.load(cfg, lambda *a: None)
+    own, mixed = (setup.task.samples(256, setup.tok.pad_id, shuffle) for shuffle in (False, True))
+    label = lambda s: tuple(s["targets"][s["targets"] != -100].tolist())
+    assert all(torch.equal(a["tokens"][a["targets"] == -100], b["tokens"][b["targets"] == -100])
+               for a, b in zip(own, mixed) if label(a) == label(b))
+    assert sorted(map(label, own)) == sorted(map(label, mixed))
+    assert 0.3 < sum(label(a) != label(b) for a, b in zip(own, mixed)) / 256 < 0.7
 
 
 def test_a_run_another_study_already_made_is_copied_not_rerun(tmp_path, monkeypatch, data):

@@ -422,3 +422,39 @@ def test_the_whitened_init_is_lora_da_with_only_the_direction_changed():
     Vr = torch.linalg.svd((Y.double() + cfg.damping).rsqrt()[:, None] * G.double() @ Zih)[2][:4].T
     ref = torch.linalg.qr(Zih @ Vr)[0]
     torch.testing.assert_close(A0 @ A0.T, ref @ ref.T, atol=1e-8, rtol=0)
+
+
+# --- theory.md §12: the attribution controls, each changing one thing -------------------------------------------
+
+def test_relative_damping_damps_each_factor_by_its_own_scale():
+    """k > 0: ΔW = −(Y + k·mean(Y))⁻¹ G (Z + k·tr(Z)/d_in I)⁻¹, written out here independently."""
+    G, Z, Y = random_stats(seed=5)
+    k = 0.1
+    out = L.lora_da_solve(G, Z, Y, 4, L.DAConfig(N=100, relative_damping=k))
+    lz, ly = k * Z.double().trace().item() / Z.shape[0], k * Y.double().mean().item()
+    assert out["damping"] == pytest.approx((lz, ly), rel=1e-12)
+    raw = -(G.double() / (Y.double() + ly)[:, None]) @ torch.linalg.inv(Z.double() + lz * torch.eye(Z.shape[0]))
+    torch.testing.assert_close(out["dW"], raw / torch.linalg.matrix_norm(raw, 2), atol=1e-9, rtol=1e-7)
+    assert L.principal_angle(out["lora_A"], L.lora_da_solve(G, Z, Y, 4, L.DAConfig(N=100))["lora_A"]) > 1.0
+
+
+def test_the_controls_change_only_the_direction_the_scale_or_the_step():
+    G, Z, Y = random_stats(seed=6)
+    da = L.lora_da_solve(G, Z, Y, 4, L.DAConfig(N=100), seed=7)
+    c = lambda **kw: L.lora_da_solve(G, Z, Y, 4, L.DAConfig(N=100, **kw), seed=7)
+    # LoRA's scale: the same direction, rows of norm 1/√3, and the same B A (the step does not depend on the scale)
+    big = c(a_scale="lora")
+    assert L.principal_angle(big["lora_A"], da["lora_A"]) < 1e-4
+    torch.testing.assert_close(big["lora_A"].norm(dim=1), torch.full((4,), 3 ** -0.5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(big["lora_B"] @ big["lora_A"], da["lora_B"] @ da["lora_A"], atol=1e-9, rtol=1e-5)
+    # no step: B = 0, A unchanged
+    assert torch.equal(c(step=False)["lora_A"], da["lora_A"]) and not c(step=False)["lora_B"].any()
+    # random: the row space of LoRA's own A for the same seed; gradient: G's top-r right singular vectors
+    lora_A = L.lora_init(*G.shape, 4, torch.Generator().manual_seed(7))[0]
+    assert L.principal_angle(c(direction="random")["lora_A"], lora_A) < 1e-4
+    V = torch.linalg.svd(G.double())[2][:4]
+    assert L.principal_angle(c(direction="gradient")["lora_A"], V) < 1e-4
+    # a control's step is ΔW projected onto its own subspace: B A = ΔW A0 A0ᵀ/γ with its A0
+    rnd = c(direction="random")
+    torch.testing.assert_close((rnd["lora_B"] @ rnd["lora_A"]).double(), rnd["dW"] @ rnd["A0"] @ rnd["A0"].T / 1024,
+                               atol=1e-9, rtol=1e-5)
