@@ -163,7 +163,8 @@ BABY_CELLS = plain(("lora", "ga", "one", "da")) + tuple(
 
 # the attribution controls (theory.md §12): each cell changes one of A0's direction, A's scale, the initial step,
 # the statistics' labels and the damping; every cell is its own rate group (the scale sets the rate), in standard
-# and frozen-A training. lora, da and whitened are the frozen-a and function-space studies' runs, copied.
+# and frozen-A training. lora, da and whitened are the frozen-a and function-space studies' runs, copied. The
+# relative dampings k = 1e-3 and 1e-2 are measured without training (the mechanism table: their A0 against λ's).
 CONTROL_INITS = (
     ("lora", "lora", ()),                                                           # random direction, LoRA's scale
     ("da", "da", ()),                                                               # as released
@@ -174,19 +175,23 @@ CONTROL_INITS = (
     ("gradient-dascale", "da", ("--direction", "gradient", "--no-step")),            # LoRA-One/GA's direction
     ("gradient-lorascale", "da", ("--direction", "gradient", "--a-scale", "lora", "--no-step")),
     ("da-shuffled", "da", ("--shuffle-labels",)),                                   # statistics with labels permuted
-    ("da-rel1e-3", "da", ("--relative-damping", "1e-3")),                           # λ relative to each factor
-    ("da-rel1e-2", "da", ("--relative-damping", "1e-2")),
-    ("da-rel1e-1", "da", ("--relative-damping", "1e-1")),
+    ("da-rel1e-1", "da", ("--relative-damping", "1e-1")),                           # λ relative to each factor
     ("whitened", "whitened", ()),                                                   # §11's direction, da's scale/step
 )
+# frozen-A for the cells that separate direction from scale (two corners each) and the labels; not run frozen, to
+# fit the budget: the projected random step, the gradient direction at da's scale and the relative damping
+NOT_FROZEN = ("random-dascale-step", "gradient-dascale", "da-rel1e-1")
+
+
 def control_cells():
     out = []
     for name, method, args in CONTROL_INITS:
         tag = name[len(method) + 1:] if name.startswith(method + "-") else ""   # "da-lorascale" -> "lorascale"
         tag = tag or (name if name != method else "")
-        out += [Cell(name, method, args, args, tag, series="standard"),
-                Cell(f"{name}-FA", method, args + ("--freeze-A",), args + ("--freeze-A",), f"{tag}-FA" if tag else "FA",
-                     series="A frozen")]
+        out.append(Cell(name, method, args, args, tag, series="standard"))
+        if name not in NOT_FROZEN:
+            out.append(Cell(f"{name}-FA", method, args + ("--freeze-A",), args + ("--freeze-A",),
+                            f"{tag}-FA" if tag else "FA", series="A frozen"))
     return tuple(out)
 
 
@@ -202,14 +207,14 @@ CONTROL_PAIRS = (("da", "lora", "the gap"),
                  ("gradient-dascale", "random-dascale", "gradient direction (da's scale, B = 0)"),
                  ("gradient-lorascale", "lora", "gradient direction (LoRA's scale, B = 0)"),
                  ("da", "da-shuffled", "the labels in the statistics"),
-                 ("da-rel1e-3", "da", "relative damping k = 1e-3"),
-                 ("da-rel1e-2", "da", "relative damping k = 1e-2"),
                  ("da-rel1e-1", "da", "relative damping k = 1e-1"),
                  ("whitened", "da", "§11's direction"))
 
 
 def control_pairs():
-    return tuple((a + fa, b + fa) for fa in ("", "-FA") for a, b, _ in CONTROL_PAIRS)
+    names = {c.name for c in CONTROLS}
+    return tuple((a + fa, b + fa) for fa in ("", "-FA") for a, b, _ in CONTROL_PAIRS
+                 if a + fa in names and b + fa in names)
 
 
 def pairs_of(cells, key):
@@ -252,8 +257,9 @@ STUDIES = {
                                    ("whitened-FA", "lora-FA")),
                             question="Does the subspace that minimizes LoRA-FA's excess risk (theory.md §11) do better "
                                      "than LoRA-DA's, with the same scale and initial step?"),
-    "controls": Study("sst2", CONTROLS, LRS + (3e-2, 1e-1), (101, 102), (1, 2, 3, 4, 5), SCALE, pairs=control_pairs(),
-                      tie_seeds=(103, 104, 105),
+    # one selection seed, and two more at a group's two best rates where they are within 1 point
+    "controls": Study("sst2", CONTROLS, LRS + (3e-2, 1e-1), (101,), (1, 2, 3, 4, 5), SCALE, pairs=control_pairs(),
+                      tie_seeds=(102, 103),
                       question="Which of A0's direction, A's scale, the initial step, the labels and the damping "
                                "explains LoRA-DA's gap to LoRA, in standard and in frozen-A training?"),
     "distance": Study("sst2", (), (), (), (), (), of=("baselines", "gsm8k"),
@@ -336,7 +342,10 @@ def finished_runs(folders) -> dict:
     for folder in folders:
         for f in sorted(Path(folder).glob("*/runs/*.json")):
             rec = json.loads(f.read_text())
-            if "copied_from" not in rec and "args" in rec:
+            # a report run made before runs recorded their predictions cannot say whether it collapsed: rerun it
+            unrecorded = f.stem.startswith("report-") and "metrics" in rec and \
+                rec["metrics"]["final"].get("predicted_positive") is None
+            if "copied_from" not in rec and "args" in rec and not unrecorded:
                 index.setdefault(config_key(rec["args"]), f)
     return index
 
@@ -936,6 +945,12 @@ def collapsed(record, share=0.95):
     return p is not None and max(p, 1 - p) >= share
 
 
+def collapse_count(recs) -> str:
+    """"k of n" runs collapsed, or "not recorded" where a run predates the recorded predictions."""
+    known = [r for r in recs if r["metrics"].get("final", {}).get("predicted_positive") is not None]
+    return f"{sum(map(collapsed, known))} of {len(known)}" if len(known) == len(recs) else "not recorded"
+
+
 def baselines_extra(study, runs, chosen, out):
     """The baselines' family of comparisons under Holm's correction, and the runs that collapsed to one class
     (counted only where the run recorded its predictions: the runs made before that say "not recorded")."""
@@ -991,7 +1006,56 @@ def babyllama_extra(study, runs, chosen, out):
     return lines
 
 
-MECHANISM_METHODS = ("lora", "pissa", "milora", "ga", "one", "corda", "eva", "da", "whitened")
+def controls_extra(study, runs, chosen, out):
+    """What each control isolates, per training mode: the paired difference, its p-value, and Holm's verdict within
+    the mode's family; the gap da − lora as the sum of its steps along two paths; and per cell, the runs that
+    collapsed to one class, how far A moved and where the init put the model at step 0."""
+    acc = report_scores(study, runs, chosen, "accuracy")
+    what = {a: (b, w) for a, b, w in CONTROL_PAIRS}
+    lines = []
+    for fa, mode in (("", "standard training"), ("-FA", "A frozen (LoRA-FA)")):
+        pairs = [(a + fa, b + fa, w) for a, (b, w) in what.items()
+                 if a + fa in acc and b + fa in acc and len(set(acc[a + fa]) & set(acc[b + fa])) >= 2]
+        if not pairs:
+            continue
+        p = {(x, y): paired_p(acc[x], acc[y]) for x, y, _ in pairs}
+        adjusted = holm(p)
+        lines += [f"## What each control isolates: {mode} (test accuracy; Holm over this mode's {len(pairs)} pairs, "
+                  "α = 0.05)", "", "| a − b | isolates | Δ (points) | p (paired t) | unadjusted | Holm |",
+                  "|---|---|---|---|---|---|"]
+        for x, y, w in pairs:
+            d, h, _ = paired(acc[x], acc[y])
+            lines.append(f"| {x} − {y} | {w} | {100 * d:+.2f} ± {100 * h:.2f} | {p[x, y]:.3f} | "
+                         f"{'resolved' if p[x, y] <= 0.05 else '–'} | {'resolved' if adjusted[x, y] else '–'} |")
+        paths = (("da", "da-nostep", "da-lorascale", "lora"), ("da", "da-nostep", "random-dascale", "lora"))
+        for path in paths:
+            names = [n + fa for n in path]
+            if all(n in acc for n in names):
+                steps = [paired(acc[a], acc[b]) for a, b in zip(names, names[1:])]
+                total = paired(acc[names[0]], acc[names[-1]])
+                lines += ["", f"The gap {names[0]} − {names[-1]} = {100 * total[0]:+.2f} ± {100 * total[1]:.2f} points, "
+                          "as " + " + ".join(f"({a} − {b}: {100 * m:+.2f} ± {100 * h:.2f})"
+                                             for (a, b), (m, h, _) in zip(zip(names, names[1:]), steps)) + "."]
+        lines.append("")
+    lines += ["## Per cell: collapse to one class (≥ 95% of test predictions the same label), A's drift (largest "
+              "principal angle between the initial and final row spaces of A, mean over the 35 layers) and step 0",
+              "", "| cell | lr | collapsed | A drift (degrees) | step-0 test accuracy (%) | step-0 test loss |",
+              "|---|---|---|---|---|---|"]
+    for c in study.cells:
+        recs = [r for sd in study.seeds if (r := runs.get(run_name(c.name, chosen.get(c.group, 0), sd, "report")))
+                and "metrics" in r]
+        if recs:
+            m = recs[0]["metrics"]
+            drift = mean_ci([r["metrics"]["A_drift_degrees"]["mean"] for r in recs])
+            lines.append(f"| {c.name} | {chosen[c.group]:g} | {collapse_count(recs)} | "
+                         f"{drift[0]:.1f} ± {drift[1]:.1f} | {100 * m['step0']['accuracy']:.2f} | "
+                         f"{m['step0']['loss']:.4f} |")
+    return lines
+
+
+MECHANISM_METHODS = ("lora", "pissa", "milora", "ga", "one", "corda", "eva", "da", "whitened", "da-rel1e-3", "da-rel1e-2",
+                     "da-rel1e-1")
+MECHANISM_ARGS = {f"da-rel{k}": ("da", ("--relative-damping", k)) for k in ("1e-3", "1e-2", "1e-1")}  # theory.md §12
 
 
 def mechanism(out: Path) -> str:
@@ -1015,20 +1079,31 @@ def mechanism(out: Path) -> str:
             layers = lora_da.lora_targets(base)
             st = lora_da.kfac_statistics(base, samples, lora_da.causal_lm_losses, layers, batch_size=16)
             rows = have
+            ref = train.lora_model(cfg, setup)
+            lora_da.initialize(ref, "da", samples, cfg=train.init_config(cfg, cfg.seed, len(setup.task.train)))
+            reference = {n: m.lora_A.detach().clone() for n, m in lora_da.lora_targets(ref).items()}
             for name in layers:
-                if name in rows:
-                    continue
                 Z, Y = st.Z[name].double(), st.Y[name].double()
-                ez = torch.linalg.eigvalsh((Z + Z.T) / 2)
-                rows[name] = {"d_in": Z.shape[0], "Z_below_damping": int((ez < cfg.damping).sum()),
-                              "Z_median": ez.median().item(), "Y_median": Y.median().item(), "share": {}}
+                if name not in rows:
+                    ez = torch.linalg.eigvalsh((Z + Z.T) / 2)
+                    rows[name] = {"d_in": Z.shape[0], "Z_below_damping": int((ez < cfg.damping).sum()),
+                                  "Z_median": ez.median().item(), "Y_median": Y.median().item(), "share": {}}
+                # how much of Y the absolute λ decides: its entries below 10 λ (there Y + λ is > 10% λ)
+                rows[name].setdefault("Y_below_10_damping", ((Y < 10 * cfg.damping).double().mean().item()))
+                rows[name].setdefault("Z_mean", Z.diagonal().mean().item())
             for method in todo:
-                model_ = train.lora_model(cfg, setup)
-                report = lora_da.initialize(model_, method, samples, cfg=train.init_config(cfg, cfg.seed, len(setup.task.train)))
+                base_method, extra = MECHANISM_ARGS.get(method, (method, ()))
+                mcfg = train.get_args(["--model", model, *extra])
+                model_ = train.lora_model(mcfg, setup)
+                report = lora_da.initialize(model_, base_method, samples,
+                                            cfg=train.init_config(mcfg, mcfg.seed, len(setup.task.train)))
                 for name, m in lora_da.lora_targets(model_).items():
                     A0 = torch.linalg.qr(m.lora_A.detach().double().T)[0]            # (d_in, r), orthonormal
                     Z = st.Z[name].double()
                     rows[name]["share"][method] = ((A0.T @ Z @ A0).trace() / Z.trace()).item()
+                    if method in MECHANISM_ARGS:  # how far the relative damping turns A0 from λ's
+                        da_A = reference[name]
+                        rows[name].setdefault("angle_to_da", {})[method] = lora_da.principal_angle(m.lora_A, da_A)
                     if method == "da":
                         rep = report["layers"][name]
                         rows[name]["stable_rank"] = (rep["dW_fro"] / rep["sigma"]) ** 2
@@ -1061,13 +1136,27 @@ def mechanism(out: Path) -> str:
         below = f"{np.median([x['Z_below_damping'] for x in L_]):.0f} [{min(x['Z_below_damping'] for x in L_)}, " \
                 f"{max(x['Z_below_damping'] for x in L_)}] of {np.median([x['d_in'] for x in L_]):.0f}"
         lines.append(f"| {model} | {rm['damping']:g} | {below} | {f('Z_median')} | {f('Y_median')} | {f('stable_rank')} |")
+    lines += ["", "The relative damping (theory.md §12, Eq. 18: λ_Z = k·tr(Z)/d_in, λ_Y = k·mean(Y)): how far it turns "
+              "LoRA-DA's A0 from the one with the absolute λ (largest principal angle, degrees), and the share of Y's "
+              "entries below 10 λ, where the absolute damping, not the data, sets Y⁻¹ to within 10%: median [min, max] "
+              "over layers.", "",
+              "| model | Y entries < 10 λ | λ_Z at k = 0.1 (median) | angle to A0(λ), k = 1e-3 | k = 1e-2 | k = 1e-1 |",
+              "|---|---|---|---|---|---|"]
+    for model, rm in res.items():
+        L_ = list(rm["layers"].values())
+        if not all("angle_to_da" in x for x in L_):
+            continue
+        g = lambda v: f"{np.median(v):.3g} [{min(v):.3g}, {max(v):.3g}]"
+        lines.append(f"| {model} | {g([x['Y_below_10_damping'] for x in L_])} | "
+                     f"{np.median([0.1 * x['Z_mean'] for x in L_]):.3g} | " +
+                     " | ".join(g([x["angle_to_da"][f"da-rel{k}"] for x in L_]) for k in ("1e-3", "1e-2", "1e-1")) + " |")
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
     plt = train.pyplot()
     fig, axes = plt.subplots(1, len(res), figsize=(6.5 * len(res), 4), squeeze=False)
     for ax, (model, rm) in zip(axes[0], res.items()):
         names = list(rm["layers"])
-        for k, method in enumerate(MECHANISM_METHODS):
+        for k, method in enumerate(m for m in MECHANISM_METHODS if m not in ("da-rel1e-3", "da-rel1e-2")):
             ax.plot(range(len(names)), [rm["layers"][n]["share"][method] for n in names], "o-", ms=3, label=method)
         ax.plot(range(len(names)), [rm["r"] / rm["layers"][n]["d_in"] for n in names], "k--", label="random (r/d_in)")
         ax.set(yscale="log", title=f"{model}: input-energy share of A's row space", xlabel="layer (7 per block)",
@@ -1083,7 +1172,7 @@ def llama_models():
     return tuple(llama.MODELS)
 
 
-EXTRAS = {"baselines": baselines_extra, "function-space": baselines_extra, "babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
+EXTRAS = {"controls": controls_extra, "baselines": baselines_extra, "function-space": baselines_extra, "babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
 
 
 def main(argv=None):
@@ -1093,6 +1182,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results folder (default: studies/results/STUDY)")
     p.add_argument("--aggregate", action="store_true", help="only rebuild the tables and plots from the JSONs")
     p.add_argument("--list", action="store_true", help="list the grid and what is done, run nothing")
+    p.add_argument("--only", default=None, help="comma list of cells: run only these (and their rate groups), e.g. "
+                                                "to finish the most important cells first; the table shows them all")
     a = p.parse_args(argv)
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
@@ -1121,7 +1212,15 @@ def main(argv=None):
             print(("done  " if n in runs else "to do ") + n)
         return
     if not a.aggregate:
-        run_study(a.study, study, out, a.jobs, shared=RESULTS)
+        part = study
+        if a.only:
+            names = a.only.split(",")
+            unknown = [n for n in names if n not in {c.name for c in study.cells}]
+            if unknown:
+                p.error(f"--only: {', '.join(unknown)} not a cell of {a.study}; its cells: "
+                        f"{', '.join(c.name for c in study.cells)}")
+            part = dataclasses.replace(study, cells=tuple(c for c in study.cells if c.name in names))
+        run_study(a.study, part, out, a.jobs, shared=RESULTS)
     print(aggregate(a.study, study, out))
 
 
