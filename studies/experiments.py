@@ -959,14 +959,14 @@ def baselines_extra(study, runs, chosen, out):
     pairs = [(x, y) for x, y in family if x in acc and y in acc and len(set(acc[x]) & set(acc[y])) >= 2]
     p = {f"{x} − {y}": paired_p(acc[x], acc[y]) for x, y in pairs}
     adjusted = holm(p)
-    lines = ["## 4. The study's comparisons under Holm's correction (test accuracy, α = 0.05), and collapse to one class", "",
+    lines = ["## The study's comparisons under Holm's correction (test accuracy, α = 0.05), and collapse to one class", "",
              "| a − b | Δ (points) | p (paired t) | unadjusted | Holm | b's runs collapsed (≥ 95% one label) |",
              "|---|---|---|---|---|---|"]
     for x, y in pairs:
         k, (d, h, _) = f"{x} − {y}", paired(acc[x], acc[y])
-        recs = [r for sd in study.seeds if (r := runs.get(run_name(y, chosen.get(y, 0), sd, "report"))) and "metrics" in r]
-        known = [r for r in recs if r["metrics"].get("final", {}).get("predicted_positive") is not None]
-        col = f"{sum(map(collapsed, known))} of {len(known)}" if len(known) == len(recs) else "not recorded"
+        recs = [r for sd in study.seeds if (r := runs.get(run_name(y, chosen.get(study.cell(y).group, 0), sd, "report")))
+                and "metrics" in r]
+        col = collapse_count(recs)
         lines.append(f"| {k} | {100 * d:+.2f} ± {100 * h:.2f} | {p[k]:.3f} | {'resolved' if p[k] <= 0.05 else '–'} | "
                      f"{'resolved' if adjusted[k] else '–'} | {col} |")
     return lines
@@ -1172,7 +1172,14 @@ def llama_models():
     return tuple(llama.MODELS)
 
 
-EXTRAS = {"controls": controls_extra, "baselines": baselines_extra, "function-space": baselines_extra, "babyllama": babyllama_extra, "samples": samples_extra, "scarcity": scarcity_extra, "ablation": ablation_extra, "frozen-a": frozen_extra}
+def with_holm(extra):
+    """A study's own diagnostics, then its family of comparisons under Holm's correction with collapse counts."""
+    return lambda *a: extra(*a) + [""] + baselines_extra(*a)
+
+
+EXTRAS = {"controls": controls_extra, "baselines": baselines_extra, "function-space": baselines_extra,
+          "babyllama": babyllama_extra, "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
+          "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra), "rank": baselines_extra}
 
 
 def main(argv=None):
