@@ -4,8 +4,9 @@ LoRA-DA: data-aware initialization of LoRA from an asymptotic bias-variance obje
 
 Read top to bottom beside theory.md; each section banner names the theory.md section it implements:
 statistics (§4, Eq. 4) -> natural-gradient shift (§5, Eq. 5) -> bias and variance terms (§6, Eqs. 6-8)
--> guidance matrix and its smallest eigenvectors (§7, Eqs. 9-10) -> the LoRA factors (§8, Eq. 11).
-Then the peer initializations (§10) and the model-level driver.
+-> guidance matrix and its smallest eigenvectors (§7, Eqs. 9-10) -> the LoRA factors (§8, Eq. 11), with
+the attribution controls beside them (§12, Eqs. 17-18: another direction, scale or damping, or no step).
+Then the whitened subspace (§11), the peer initializations (§10) and the model-level driver.
 
 Torch layout throughout: W0 is (d_out, d_in), lora_A is (r, d_in), lora_B is (d_out, r).
 

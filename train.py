@@ -191,6 +191,13 @@ def get_args(argv=None):
     for name, (ok, what) in RANGES.items():
         if not ok(getattr(cfg, name)):
             p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
+    controls = [f for f, on in (("--direction", cfg.direction != "da"), ("--a-scale", cfg.a_scale != "da"),
+                                 ("--no-step", not cfg.step)) if on]
+    if controls and methods != ["da"]:
+        p.error(f"{', '.join(controls)}: LoRA-DA's controls (theory.md §12) change its init only: use them with --init da")
+    if cfg.shuffle_labels and not set(methods) & set(lora_da.DATA_AWARE):
+        p.error(f"--shuffle-labels permutes the init samples' labels: it needs a data-aware --init "
+                f"({', '.join(lora_da.DATA_AWARE)})")
     if cfg.init_data and not cfg.init_only:
         p.error("--init-data gives samples for the initialization only: add --init-only (training needs a task)")
     if not cfg.dry_run:

@@ -126,6 +126,7 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("lora-alpha 0", "train.py", ["--lora-alpha", "0"], "--lora-alpha must be positive, got 0.0"),
     ("lora-alpha -1", "train.py", ["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
     ("init-data without init-only", "train.py", ["--init-data", "{bad}/long.txt"], "add --init-only"),
+    ("a control without --init da", "train.py", ["--init", "lora", "--direction", "random"], "use them with --init da"),
     ("HF rope_scaling", "llama.py", ["--checkpoint", "{bad}/rope_scaling"], "rope_scaling = {{'type': 'linear'"),
     ("HF attention_bias", "train.py", ["--checkpoint", "{bad}/attention_bias", "--tokenizer", "{data}/" + TOK] + FAST,
      "attention_bias = True is not implemented"),
