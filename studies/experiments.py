@@ -1011,10 +1011,9 @@ def controls_extra(study, runs, chosen, out):
     the mode's family; the gap da − lora as the sum of its steps along two paths; and per cell, the runs that
     collapsed to one class, how far A moved and where the init put the model at step 0."""
     acc = report_scores(study, runs, chosen, "accuracy")
-    what = {a: (b, w) for a, b, w in CONTROL_PAIRS}
     lines = []
     for fa, mode in (("", "standard training"), ("-FA", "A frozen (LoRA-FA)")):
-        pairs = [(a + fa, b + fa, w) for a, (b, w) in what.items()
+        pairs = [(a + fa, b + fa, w) for a, b, w in CONTROL_PAIRS
                  if a + fa in acc and b + fa in acc and len(set(acc[a + fa]) & set(acc[b + fa])) >= 2]
         if not pairs:
             continue
