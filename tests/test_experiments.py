@@ -90,6 +90,20 @@ def test_paired_p_values_and_holm_by_hand():
     assert E.holm({"a": 0.01, "b": 0.026, "c": 0.03}) == {"a": True, "b": False, "c": False}
 
 
+def test_rates_within_a_point_get_tie_seeds_and_the_mean_over_all_seeds_decides():
+    # one selection seed: 1e-3 leads 3e-3 by 0.5 points, a tie; seeds 102, 103 favour 3e-3, so it is chosen
+    study = E.Study("sst2", E.plain(("da",)), (1e-3, 3e-3, 1e-2), (101,), (1,), (), tie_seeds=(102, 103))
+    val = lambda a: {"metrics": {"final": {"split": "val", "accuracy": a}}}
+    runs = {E.run_name("da", lr, 101, "select"): val(a) for lr, a in ((1e-3, 0.560), (3e-3, 0.555), (1e-2, 0.52))}
+    assert E.tie_grid(study, runs) == [("da", lr, s) for lr in (1e-3, 3e-3) for s in (102, 103)]
+    assert E.select_lrs(study, runs) == {}  # undecided until the tie seeds are in
+    runs.update({E.run_name("da", lr, s, "select"): val(a) for lr, a in ((1e-3, 0.55), (3e-3, 0.58)) for s in (102, 103)})
+    assert E.select_lrs(study, runs) == {"da": 3e-3}
+    # a lead of more than a point is not a tie: no extra seeds, the best single-seed rate stands
+    runs[E.run_name("da", 1e-3, 101, "select")] = val(0.57)
+    assert E.tie_grid(study, runs) == [] and E.select_lrs(study, runs) == {"da": 1e-3}
+
+
 def test_a_run_that_predicts_one_class_is_counted_as_collapsed():
     run = lambda p: {"metrics": {"final": {"predicted_positive": p}}}
     assert E.collapsed(run(0.97)) and E.collapsed(run(0.0)) and not E.collapsed(run(0.6))
