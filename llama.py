@@ -62,6 +62,11 @@ PRESETS = {
 }
 
 
+def at_least_fp32(x):
+    # bf16/fp16 -> fp32 for the numerically delicate steps; fp32 and fp64 stay as they are
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -69,8 +74,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalize in fp32 as Meta does, then cast back (matters for bf16 models)
-        xf = x.float()
+        # normalize in fp32 (or wider) as Meta does, then cast back (matters for bf16 models)
+        xf = at_least_fp32(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -84,7 +89,7 @@ def precompute_freqs(head_dim: int, end: int, theta: float = 10000.0, device=Non
 
 def apply_rotary_emb(x, freqs_cos, freqs_sin):
     # x: (B, T, nh, hd); rotate the interleaved pairs (x0, x1), (x2, x3), ... as complex numbers
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    xf = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2)
     x_r, x_i = xf.unbind(-1)                           # (B, T, nh, hd/2) each
     cos = freqs_cos[None, :, None, :]                  # (1, T, 1, hd/2)
     sin = freqs_sin[None, :, None, :]
@@ -98,6 +103,27 @@ def repeat_kv(x, n_rep: int):
         return x
     B, T, n_kv, hd = x.shape
     return x[:, :, :, None, :].expand(B, T, n_kv, n_rep, hd).reshape(B, T, n_kv * n_rep, hd)
+
+
+EXPLICIT_BELOW = 16  # head widths below this use causal_attention on a CPU
+
+
+def causal_attention(xq, xk, xv):
+    """softmax(Q Kᵀ/√hd + causal mask) V, written out: the same numbers as the fused kernel, up to float order.
+    Grouped-query attention without repeat_kv's copies: the n_rep query heads that share a kv head are
+    stacked along T, so each kv head meets all of its queries in one matmul."""
+    B, T, nh, hd = xq.shape                                                         # xq: (B, T, nh, hd)
+    n_kv = xk.shape[2]
+    n_rep = nh // n_kv
+    q = xq.view(B, T, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4).reshape(B * n_kv, n_rep * T, hd)
+    k = xk.permute(0, 2, 3, 1).reshape(B * n_kv, hd, T)                             # (B·n_kv, hd, T): Kᵀ
+    v = xv.transpose(1, 2).reshape(B * n_kv, T, hd)                                 # (B·n_kv, T, hd)
+    # query i sees keys 0..i: −inf above the diagonal, one (T, T) block per stacked head
+    mask = torch.full((T, T), float("-inf"), dtype=xq.dtype, device=xq.device).triu(1).repeat(n_rep, 1)
+    scores = torch.baddbmm(mask, q, k, alpha=hd ** -0.5)                            # (B·n_kv, n_rep·T, T)
+    att = at_least_fp32(scores).softmax(-1).type_as(v)                              # softmax in fp32, as the kernel
+    out = torch.bmm(att, v)                                                         # (B·n_kv, n_rep·T, hd)
+    return out.view(B, n_kv, n_rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh * hd)
 
 
 class Attention(nn.Module):
@@ -114,6 +140,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # allocated on the first cached call
+        # heads narrower than 16 (stories260K's are 8): on a CPU the fused kernel is slower than attention
+        # written out in three batched matmuls (studies/bench.py measures both)
+        self.explicit = self.head_dim < EXPLICIT_BELOW
 
     def forward(self, x, freqs_cos, freqs_sin, start_pos: Optional[int] = None):
         B, T, _ = x.shape                                              # x: (B, T, dim)
@@ -123,6 +152,8 @@ class Attention(nn.Module):
         xq = apply_rotary_emb(xq, freqs_cos, freqs_sin)  # positions enter q and k only, never v
         xk = apply_rotary_emb(xk, freqs_cos, freqs_sin)
 
+        if start_pos is None and self.explicit and x.device.type == "cpu":
+            return self.wo(causal_attention(xq, xk, xv))
         if start_pos is None:
             # training / full forward: no cache, plain causal attention
             keys, values, is_causal, mask = xk, xv, T > 1, None
@@ -264,6 +295,7 @@ def sample(logits, temperature: float, top_p: Optional[float], generator=None):
 # hand-written LoRA (Hu et al. 2021), minLoRA-sized
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+FOLD_MAX = 1 << 16  # layers of at most this many weights (256 KiB in fp32, cache-sized) train folded
 
 
 class LoRALinear(nn.Module):
@@ -283,17 +315,24 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev))
         self.freeze_A = freeze_A
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # a small layer is overhead-bound: one matmul with W0 + s·B A costs less than three (the same product
+        # and the same gradients of A and B); a large one is flop-bound and keeps the low-rank path
+        self.fold = dropout == 0 and d_in * d_out <= FOLD_MAX
         self.merged = False
         self.W0_shift = None  # (B, A) of the init when it moved W0 by −s·B A (PiSSA, LoRA-GA)
         # standard LoRA: A ~ Kaiming-uniform(a=√5) = U(-1/√d_in, 1/√d_in), B = 0, so B A = 0 at step 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
+        if self.fold and not self.merged and self.base.weight.dtype == self.lora_A.dtype:
+            # h = (W0 + s·B A) x, one matmul: small layers whose W0 has the adapter's precision (not a bf16 base)
+            return F.linear(x, torch.addmm(self.base.weight, self.lora_B, self.lora_A, alpha=self.scaling),
+                            self.base.bias)
         h = self.base(x)
         if self.merged:
             return h
         # h = W0 x + s·B A x
-        return h + (self.scaling * F.linear(F.linear(self.dropout(x).float(), self.lora_A), self.lora_B)).type_as(h)
+        return h + (self.scaling * F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)).type_as(h)
 
     @torch.no_grad()
     def init_(self, A, B, shift_W0: bool = False):
@@ -364,6 +403,19 @@ def mark_only_lora_trainable(model: nn.Module):
     for layer in lora_layers(model).values():
         layer.lora_A.requires_grad_(not layer.freeze_A)
         layer.lora_B.requires_grad_(True)
+
+
+def fast_paths(model: nn.Module, on: bool = True):
+    """on: small LoRA layers folded, narrow heads attended by causal_attention on a CPU (chosen by size, as
+    built); off: the literal forms everywhere, three matmuls per LoRA layer and the fused attention kernel.
+    The two give the same numbers up to float order; studies/bench.py times both, the tests compare them."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            d_out, d_in = m.base.weight.shape
+            m.fold = on and isinstance(m.dropout, nn.Identity) and d_in * d_out <= FOLD_MAX
+        elif isinstance(m, Attention):
+            m.explicit = on and m.head_dim < EXPLICIT_BELOW
+    return model
 
 
 def lora_state(model: nn.Module) -> dict:

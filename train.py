@@ -562,6 +562,18 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
     order = sorted(range(len(rows)), key=lambda j: task.length(split, j))[dist.rank::dist.world]
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
+        if task.name == "sst2" and task.whole_word:
+            # words that begin with the same token: score each whole word; the answer is one of them, so its
+            # log-probability gives the loss too (two passes, not three)
+            logp, n = word_logprobs(model, task, split, idx, tok.pad_id, device)   # (B, 2) each
+            label = torch.tensor([rows[j][1] for j in idx], device=logp.device)
+            pick = torch.arange(len(idx), device=logp.device)
+            for j, loss in zip(idx, (-logp[pick, label] / n[pick, label].clamp_min(1)).tolist()):
+                losses[j] = loss
+            pred = (logp[:, 1] > logp[:, 0]).long().cpu()
+            correct += int((pred == label.cpu()).sum())
+            positive += int(pred.sum())
+            continue
         b = {k: v.to(device) for k, v in task.batch(split, idx, tok.pad_id).items()}
         scored = b["targets"] != -100                                  # (B, T)
         logits = model(b["tokens"], at=scored)                         # (n_scored, V): only where read
@@ -569,14 +581,9 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
             losses[j] = loss
         counts = scored.sum(1)
         first = counts.cumsum(0) - counts                              # each row's first scored position
-        if task.name == "sst2" and not task.whole_word:
+        if task.name == "sst2":
             at = logits[first]                                         # (B, V): the label words' first tokens
             pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
-            correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
-            positive += int(pred.sum())
-        elif task.name == "sst2":  # words that begin with the same token: score each whole word
-            logp = [word_logprob(model, task, split, idx, k, tok.pad_id, device) for k in (0, 1)]
-            pred = (logp[1] > logp[0]).long().cpu()
             correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
             positive += int(pred.sum())
     n_decoded = len(rows) if task.name == "sst2" or decode_limit < 0 else min(decode_limit, len(rows))
@@ -599,14 +606,18 @@ def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode
             **({"predicted_positive": positive / len(rows)} if task.name == "sst2" else {})}  # 0 or 1: collapsed
 
 
-def word_logprob(model, task, split, idx, word, pad_id, device):
-    """log p(word | prompt) for each example of idx: the sum of the log-probabilities of the word's tokens."""
-    b = {k: v.to(device) for k, v in task.batch(split, idx, pad_id, word=word).items()}
-    scored = b["targets"] != -100                                      # (B, T): the word's positions
+def word_logprobs(model, task, split, idx, pad_id, device):
+    """log p(word k | prompt) for each example of idx and both label words, the sum of the log-probabilities
+    of the word's tokens, with how many tokens were scored (<unk> never is): (B, 2) each, one batch of 2B."""
+    idx = list(idx)
+    b = {k: v.to(device) for k, v in task.batch(split, idx + idx, pad_id,
+                                                answers=[task.words[0]] * len(idx) + [task.words[1]] * len(idx)).items()}
+    scored = b["targets"] != -100                                      # (2B, T): the words' positions
     logp = torch.log_softmax(model(b["tokens"], at=scored).float(), -1)  # (n_scored, V)
     token_logp = logp.gather(1, b["targets"][scored][:, None])[:, 0]   # (n_scored,)
-    rows = scored.nonzero()[:, 0]                                      # the example each token belongs to
-    return torch.zeros(len(idx), device=logp.device).index_add_(0, rows, token_logp)
+    rows = scored.nonzero()[:, 0]                                      # the row each token belongs to
+    summed = torch.zeros(2 * len(idx), device=logp.device).index_add_(0, rows, token_logp)
+    return summed.view(2, -1).T, scored.sum(1).view(2, -1).T
 
 
 def backward_on_batch(model, task, idx, tok, device, groups, scale):

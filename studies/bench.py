@@ -1,15 +1,22 @@
 """
-Where a default run's time goes, before and after the throughput work; prints a table.
+Where a training step's time goes, and how much faster it is than the straightforward code; prints tables.
 
-    python studies/bench.py                 # 2 threads (the CI machine), about a minute
-    python studies/bench.py --threads 1     # as studies/experiments.py runs each job
-    python studies/bench.py --model babyllama936K   # the second real model: width 128, ~3x longer sequences
-    python studies/shapes7b.py                      # LLaMA-2-7B's shapes: memory per stage, the eigensolvers at 4,096/11,008
+    python studies/bench.py                          # both real models, 1 and 2 threads: about 5 minutes
+    python studies/bench.py --model stories260K --threads 1
+    python studies/bench.py --check-steps 100        # also 100 optimizer steps, fast vs literal: losses compared
+    python studies/bench.py --compile                # also torch.compile (inductor): compile time and speed
+    python studies/shapes7b.py                       # LLaMA-2-7B's shapes: memory per stage, the eigensolvers
 
-"before" is the straightforward form, kept here as the reference: every micro-batch padded to its
-longest sequence, logits over the whole vocabulary at every position, evaluation in file order.
-"after" is what train.py runs: batches cut into length groups, logits only where a loss or a prediction
-reads them, evaluation in length order. Both compute the same numbers (checked below, to float rounding).
+Three ways to compute the same training step (the same batches, the same numbers up to float order):
+  before  the straightforward code, kept as the reference: every micro-batch padded to its longest sequence,
+          logits over the whole vocabulary at every position, each LoRA layer as three matmuls
+          (W0 x + s·B A x), attention by the fused kernel
+  groups  batches cut into length groups, logits only where a loss reads them; the same literal layers
+  now     what train.py runs: groups, plus the size-chosen fast paths of llama.fast_paths: a LoRA layer of
+          up to 65,536 weights as one matmul with W0 + s·B A, heads narrower than 16 attended in three
+          batched matmuls instead of the fused kernel
+Timings are the best of several rounds that alternate the variants, in one process, so that a busy machine
+slows all of them alike; tokens are real (unpadded) tokens.
 """
 import argparse
 import copy
@@ -25,99 +32,261 @@ import lora_da  # noqa: E402
 import train  # noqa: E402
 
 
-def timed(fn, repeat):
-    fn()  # warm up
-    t = time.perf_counter()
-    for _ in range(repeat):
-        out = fn()
-    return (time.perf_counter() - t) / repeat, out
+def best_of(fns: dict, rounds: int) -> dict:
+    """{name: (seconds, result)}: each fn run once to warm up, then `rounds` times in alternation; the
+    fastest round counts (what a quiet machine does; noise only ever adds time)."""
+    out = {name: (float("inf"), fn()) for name, fn in fns.items()}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            res = fn()
+            out[name] = (min(out[name][0], time.perf_counter() - t), res)
+    return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    p.add_argument("--steps", type=int, default=20, help="training steps timed per variant (default: 20)")
-    p.add_argument("--model", default="stories260K", choices=sorted(llama.MODELS), help="which real model")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = train.get_args(["--model", args.model])
-    setup = train.load(cfg, log=lambda *a: None)
-    tok, task = setup.tok, setup.task
+def lora_copy(setup, cfg, fast: bool):
     model = copy.deepcopy(setup.base)
     llama.add_lora(model, r=cfg.rank, lora_alpha=cfg.lora_alpha, rslora=True)
-    lora_da.initialize(model, "lora", cfg=train.init_config(cfg, 9, len(task.train)))
+    torch.manual_seed(9)
+    lora_da.initialize(model, "lora", cfg=train.init_config(cfg, 9, len(setup.task.train)))
+    # B = 0 makes both forms trivially equal: give B the size it has after some training
+    for layer in llama.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
     llama.mark_only_lora_trainable(model)
-    model.train()
-    batches = [train.batch_indices(k * cfg.batch_size, cfg.batch_size, 9, len(task.train), {}) for k in range(args.steps)]
-    rows = []
+    return llama.fast_paths(model, fast).train()
 
-    # 1. a training step (forward + backward of one 32-sequence batch), tokens/s over real tokens
-    def step_before():
+
+def training_steps(setup, cfg, models, n_batches, rounds):
+    """tokens/s of one training step's forward + backward (the optimizer's share is measured apart)."""
+    task, tok = setup.task, setup.tok
+    batches = [train.batch_indices(k * cfg.batch_size, cfg.batch_size, 9, len(task.train), {})
+               for k in range(n_batches)]
+
+    def before():
         loss, tokens = 0.0, 0
         for idx in batches:
             b = task.batch("train", idx, tok.pad_id)
-            out = lora_da.sequence_losses(model(b["tokens"]), b["targets"]).mean()
+            out = lora_da.sequence_losses(models["before"](b["tokens"]), b["targets"]).sum() / len(idx)
             out.backward()
             loss, tokens = loss + out.item(), tokens + int(b["attention_mask"].sum())
         return loss, tokens
 
-    def step_after(groups):
+    def grouped(name):
         def fn():
             loss, tokens = 0.0, 0
             for idx in batches:
-                out, n = train.backward_on_batch(model, task, idx, tok, "cpu", groups, 1 / len(idx))
+                out, n = train.backward_on_batch(models[name], task, idx, tok, "cpu", cfg.length_groups, 1 / len(idx))
                 loss, tokens = loss + out, tokens + n
             return loss, tokens
         return fn
 
-    t0, (l0, n0) = timed(step_before, 1)
-    rows.append(("training step, before (padded, full logits)", f"{n0 / t0:,.0f} tok/s", "1.00x"))
-    for groups in (1, 2, 3, 4, 8):  # train.py default: 3
-        t1, (l1, n1) = timed(step_after(groups), 1)
-        assert abs(l1 - l0) < 1e-4 * abs(l0) and n1 == n0, (l0, l1)
-        rows.append((f"training step, after ({groups} length group{'s' if groups > 1 else ''}, scored logits)",
-                     f"{n1 / t1:,.0f} tok/s", f"{t0 / t1:.2f}x"))
-    model.zero_grad(set_to_none=True)
+    res = best_of({"before": before, "groups": grouped("groups"), "now": grouped("now")}, rounds)
+    l0, n0 = res["before"][1]
+    for name, (_, (loss, n)) in res.items():  # the same sums, up to float order
+        assert n == n0 and abs(loss - l0) < 1e-4 * abs(l0), (name, loss, l0)
+    for m in models.values():
+        m.zero_grad(set_to_none=True)
+    return {name: n / t for name, (t, (_, n)) in res.items()}
 
-    # 2. evaluation of the 872 dev sentences
+
+def optimizer_share(model, cfg, rounds):
+    """Seconds of one clip + AdamW step + zero_grad over the LoRA factors (what a step adds to its backward)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-9)
+
+    def step():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return best_of({"opt": step}, rounds)["opt"][0]
+
+
+def profile_table(fn, top: int):
+    """The ops that take a step's time, by self CPU time (torch.profiler), as (name, share, calls) rows."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [(e.key, e.self_cpu_time_total / total, e.count) for e in events[:top]]
+
+
+def evaluation(setup, models, rounds):
+    task, tok = setup.task, setup.tok
+
     @torch.no_grad()
-    def eval_before():
-        model.eval()
+    def before():
+        """File order, padded, logits everywhere, literal layers; words that begin alike (babyllama936K) are
+        scored whole, one more pass per word."""
+        model = models["before"].eval()
         losses = []
         for i in range(0, len(task.test), 64):
-            b = task.batch("test", range(i, min(i + 64, len(task.test))), tok.pad_id)
+            idx = range(i, min(i + 64, len(task.test)))
+            b = task.batch("test", idx, tok.pad_id)
             losses += lora_da.sequence_losses(model(b["tokens"]), b["targets"]).tolist()
+            for word in (0, 1) if task.whole_word else ():
+                b = task.batch("test", idx, tok.pad_id, word=word)
+                lora_da.sequence_losses(model(b["tokens"]), b["targets"])
         model.train()
         return sum(losses) / len(losses)
 
-    te0, loss0 = timed(eval_before, 2)
-    te1, ev = timed(lambda: train.evaluate(model, task, "test", tok, "cpu"), 2)
-    assert abs(ev["loss"] - loss0) < 1e-5
-    rows.append(("evaluation of 872 dev sentences, before", f"{te0:.3f} s", "1.00x"))
-    rows.append(("evaluation of 872 dev sentences, after (length order, logits where read)", f"{te1:.3f} s",
-                 f"{te0 / te1:.2f}x"))
+    def now():
+        return train.evaluate(models["now"], task, "test", tok, "cpu")["loss"]
 
-    # 3. the initializations, on the 256 head samples of the training set
-    samples = task.samples(cfg.init_samples, tok.pad_id)
-    padded = sum(s["tokens"].numel() for s in samples)
-    real = sum(int(s["attention_mask"].sum()) for s in samples)
-    rows.append(("init samples: real tokens / padded positions", f"{real:,} / {padded:,}", ""))
-    for method, batch in [("lora", 16), ("pissa", 16), ("ga", 16), ("one", 16), ("da", 16), ("da", 1)]:
-        m = copy.deepcopy(setup.base)
-        llama.add_lora(m, r=cfg.rank, lora_alpha=cfg.lora_alpha, rslora=True)
-        init_cfg = train.init_config(train.get_args(["--model", args.model, "--stats-batch-size", str(batch)]), 9,
-                                     len(task.train))
-        t = time.perf_counter()
-        rep = lora_da.initialize(m, method, samples, cfg=init_cfg)
-        what = "per-sample loop" if batch == 1 else f"batch {batch}"
-        rows.append((f"init {method} ({rep.get('samples', 0)} samples, {what})", f"{time.perf_counter() - t:.2f} s", ""))
+    res = best_of({"before": before, "now": now}, rounds)
+    assert abs(res["now"][1] - res["before"][1]) < 1e-5 * abs(res["before"][1]), res
+    return {name: t for name, (t, _) in res.items()}
 
-    w = max(len(r[0]) for r in rows)
-    tokens = sum(task.length("train", i) + 1 for i in range(len(task.train))) / len(task.train)
-    print(f"bench: {args.model}, SST-2 (mean {tokens:.0f} tokens per training example, cut to {task.max_len}), "
-          f"batch {cfg.batch_size}, {args.threads} thread(s), torch {torch.__version__}")
-    for name, value, speed in rows:
-        print(f"  {name:<{w}}  {value:>18}  {speed:>6}")
+
+def statistics_pass(setup, cfg, rounds):
+    """Seconds of LoRA-DA's init (statistics of 256 samples, then the solve), literal vs fast layers."""
+    samples = setup.task.samples(cfg.init_samples, setup.tok.pad_id)
+    init_cfg = train.init_config(cfg, 9, len(setup.task.train))
+
+    def init(fast):
+        def fn():
+            m = llama.fast_paths(copy.deepcopy(setup.base), fast)
+            llama.add_lora(m, r=cfg.rank, lora_alpha=cfg.lora_alpha, rslora=True)
+            llama.fast_paths(m, fast)
+            lora_da.initialize(m, "da", samples, cfg=init_cfg)
+            return {n: l.lora_B.detach().clone() @ l.lora_A.detach() for n, l in llama.lora_layers(m).items()}
+        return fn
+
+    res = best_of({"literal": init(False), "fast": init(True)}, rounds)
+    err = max(float((res["fast"][1][n] - BA).norm() / BA.norm()) for n, BA in res["literal"][1].items())
+    return {name: t for name, (t, _) in res.items()}, err
+
+
+def losses_of(setup, cfg, steps, fast, groups, dtype=torch.float32):
+    """The per-step losses of `steps` optimizer steps of the default run (its schedule, clipping, AdamW)."""
+    model = lora_copy(setup, cfg, fast).to(dtype)
+    with torch.no_grad():  # the run's own init: LoRA's B = 0
+        for layer in llama.lora_layers(model).values():
+            layer.lora_B.zero_()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = train.get_lr(step, cfg.lr, cfg.steps, int(cfg.warmup * cfg.steps))
+        idx = train.batch_indices(step * cfg.batch_size, cfg.batch_size, 9, len(setup.task.train), {})
+        loss, _ = train.backward_on_batch(model, setup.task, idx, setup.tok, "cpu", groups, 1 / cfg.batch_size)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss)
+    return losses
+
+
+def check_steps(setup, cfg, steps):
+    """Fast vs literal layers over `steps` training steps, against what any reordering of the same float sums
+    does (the literal layers with one more length group), and in fp64, where rounding cannot hide a difference:
+    rows of (comparison, largest per-step loss difference, first step differing by 5e-5 or more)."""
+    def compare(a, b):
+        diffs = [abs(x - y) for x, y in zip(a, b)]
+        return max(diffs), next((k + 1 for k, d in enumerate(diffs) if d >= 5e-5), None)
+    g = cfg.length_groups
+    literal = losses_of(setup, cfg, steps, False, g)
+    fast = losses_of(setup, cfg, steps, True, g)
+    regrouped = losses_of(setup, cfg, steps, False, g + 1)
+    literal64 = losses_of(setup, cfg, steps, False, g, torch.float64)
+    fast64 = losses_of(setup, cfg, steps, True, g, torch.float64)
+    return [("fast vs literal layers, fp32", *compare(fast, literal)),
+            (f"literal layers, {g + 1} vs {g} length groups, fp32 (float order alone)", *compare(regrouped, literal)),
+            ("fast vs literal layers, fp64", *compare(fast64, literal64)),
+            ("literal layers, fp32 vs fp64", *compare(literal, literal64))]
+
+
+def compiled(setup, cfg, n_batches):
+    """torch.compile (inductor, dynamic shapes for the length groups): first-call seconds and tokens/s after."""
+    model = torch.compile(lora_copy(setup, cfg, True), dynamic=True)
+    batches = [train.batch_indices(k * cfg.batch_size, cfg.batch_size, 9, len(setup.task.train), {})
+               for k in range(n_batches)]
+
+    def fn():
+        tokens = 0
+        for idx in batches:
+            tokens += train.backward_on_batch(model, setup.task, idx, setup.tok, "cpu", cfg.length_groups,
+                                              1 / len(idx))[1]
+        return tokens
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    (sec, tokens), = [v for v in best_of({"c": fn}, 2).values()]
+    return first, tokens / sec
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(llama.MODELS), action="append",
+                   help="which real model (repeatable; default: both)")
+    p.add_argument("--threads", type=int, action="append", help="torch threads (repeatable; default: 1 and 2)")
+    p.add_argument("--batches", type=int, default=12, help="training batches of 32 per timed round (default: 12)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default: 3)")
+    p.add_argument("--top", type=int, default=10, help="rows of the profiler's table (default: 10)")
+    p.add_argument("--check-steps", type=int, default=0,
+                   help="also train this many steps with fast and literal layers and compare the losses")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (about a minute per model)")
+    args = p.parse_args()
+    for name in args.model or ["stories260K", "babyllama936K"]:
+        cfg = train.get_args(["--model", name])
+        setup = train.load(cfg, log=lambda *a: None)
+        task = setup.task
+        mean_len = sum(task.length("train", i) + 1 for i in range(len(task.train))) / len(task.train)
+        print(f"\n== {name}: SST-2 (mean {mean_len:.0f} tokens per training example, cut to {task.max_len}), "
+              f"batch {cfg.batch_size} in {cfg.length_groups} length groups, torch {torch.__version__}")
+        models = {"before": lora_copy(setup, cfg, False), "groups": lora_copy(setup, cfg, False),
+                  "now": lora_copy(setup, cfg, True)}
+        for threads in args.threads or [1, 2]:
+            torch.set_num_threads(threads)
+            tps = training_steps(setup, cfg, models, args.batches, args.rounds)
+            opt = optimizer_share(models["now"], cfg, args.rounds)
+            ev = evaluation(setup, models, args.rounds)
+            print(f"\n-- {threads} thread(s)")
+            rows = [(f"training step, {k}", f"{v:,.0f} tok/s", f"{v / tps['before']:.2f}x") for k, v in tps.items()]
+            rows.append(("clip + AdamW + zero_grad per step", f"{opt * 1e3:.1f} ms", ""))
+            rows.append(("evaluation of the 872 dev sentences, before (padded, file order, literal)",
+                         f"{ev['before']:.2f} s", "1.00x"))
+            rows.append(("evaluation, now (length order, logits where read, fast paths)", f"{ev['now']:.2f} s",
+                         f"{ev['before'] / ev['now']:.2f}x"))
+            if threads == (args.threads or [1, 2])[-1]:
+                init, err = statistics_pass(setup, cfg, 1)
+                rows.append(("LoRA-DA init (256 samples), literal layers", f"{init['literal']:.2f} s", "1.00x"))
+                rows.append((f"LoRA-DA init, fast paths (B·A within {err:.0e} of literal)", f"{init['fast']:.2f} s",
+                             f"{init['literal'] / init['fast']:.2f}x"))
+            w = max(len(r[0]) for r in rows)
+            for label, value, speed in rows:
+                print(f"  {label:<{w}}  {value:>14}  {speed:>6}")
+            for variant in ("before", "now"):
+                table = profile_table(lambda: step_of(variant, setup, cfg, models[variant]), args.top)
+                print(f"  where a step's time goes, {variant} (torch.profiler, self CPU time):")
+                for op, share, calls in table:
+                    print(f"    {share:6.1%}  {calls:6d} calls  {op[:70]}")
+        torch.set_num_threads((args.threads or [1, 2])[-1])
+        if args.check_steps:
+            print(f"\n  {args.check_steps} optimizer steps of the default run, per-step training losses compared:")
+            for label, diff, first in check_steps(setup, cfg, args.check_steps):
+                print(f"    {label:<66} largest difference {diff:.1e}, "
+                      + (f"first at 5e-5 or more: step {first}" if first else "all steps within 5e-5"))
+        if args.compile:
+            first, tps_c = compiled(setup, cfg, args.batches)
+            print(f"\n  torch.compile (inductor, dynamic): first {args.batches} batches {first:.1f} s (compiling), "
+                  f"then {tps_c:,.0f} tok/s")
+
+
+def step_of(variant, setup, cfg, model, n_batches=4):
+    """One round of a variant's step, for the profiler."""
+    task, tok = setup.task, setup.tok
+    for k in range(n_batches):
+        idx = train.batch_indices(k * cfg.batch_size, cfg.batch_size, 9, len(task.train), {})
+        if variant == "before":
+            b = task.batch("train", idx, tok.pad_id)
+            (lora_da.sequence_losses(model(b["tokens"]), b["targets"]).sum() / len(idx)).backward()
+        else:
+            train.backward_on_batch(model, task, idx, tok, "cpu", cfg.length_groups, 1 / len(idx))
+    model.zero_grad(set_to_none=True)
 
 
 if __name__ == "__main__":

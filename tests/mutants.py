@@ -18,9 +18,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_values.py", "tests/test_lora_da.py", "tests/test_theory.py"]
+TESTS = ["tests/test_values.py", "tests/test_lora_da.py", "tests/test_theory.py", "tests/test_llama.py"]
 
 MUTANTS = [  # name, file, the exact original text, its replacement
+    ("folded LoRA layer without the scale s", "llama.py",
+     "torch.addmm(self.base.weight, self.lora_B, self.lora_A, alpha=self.scaling)",
+     "torch.addmm(self.base.weight, self.lora_B, self.lora_A)"),
+    ("written-out attention lets each query see the next key", "llama.py",
+     ".triu(1).repeat(n_rep, 1)", ".triu(2).repeat(n_rep, 1)"),
+    ("written-out attention pairs query heads with the wrong kv heads", "llama.py",
+     "q = xq.view(B, T, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)",
+     "q = xq.view(B, T, n_rep, n_kv, hd).permute(0, 3, 2, 1, 4)"),
     ("variance not divided by sigma^2 after normalizing", "lora_da.py",
      "dW, var_scale = dW / sigma, 1.0 / sigma ** 2", "dW, var_scale = dW / sigma, 1.0"),
     ("Y used without damping", "lora_da.py",

@@ -279,3 +279,78 @@ def test_babyllama936K_reads_its_weights_right(data):
                 p.copy_(p.flatten()[torch.randperm(p.numel(), generator=gen)].view_as(p))
         shuffled = nll(model)
     assert real < 0.3 and shuffled > 3.0, (real, shuffled)
+
+
+def test_written_out_attention_equals_the_fused_kernel_values_and_gradients():
+    # 8 query heads over 4 kv heads of width 8 (stories260K's shape): the grouped matmul pairs each query
+    # head with its own kv head, and the mask hides every later position
+    torch.manual_seed(0)
+    B, T, n_kv, n_rep, hd = 3, 11, 4, 2, 8
+    xq = torch.randn(B, T, n_kv * n_rep, hd, requires_grad=True)
+    xk, xv = (torch.randn(B, T, n_kv, hd, requires_grad=True) for _ in range(2))
+    out = llama.causal_attention(xq, xk, xv)
+    k, v = (llama.repeat_kv(t, n_rep).transpose(1, 2) for t in (xk, xv))
+    ref = F.scaled_dot_product_attention(xq.transpose(1, 2), k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), (xq, xk, xv))
+    refs = torch.autograd.grad((ref * w).sum(), (xq, xk, xv))
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_a_folded_lora_layer_gives_the_literal_output_and_gradients():
+    # in fp64, where float order cannot hide a wrong term
+    torch.manual_seed(0)
+    layer = llama.LoRALinear(torch.nn.Linear(24, 40, bias=False), r=4, lora_alpha=8, rslora=True).double()
+    layer.init_(torch.randn(4, 24), torch.randn(40, 4))
+    assert layer.fold  # 960 weights: folded
+    x = torch.randn(5, 7, 24, dtype=torch.float64)
+    out = {}
+    for fold in (True, False):
+        layer.fold = fold
+        h = layer(x)
+        h.pow(2).sum().backward()
+        out[fold] = (h.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        layer.zero_grad()
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # h = W0 x + s·B A x, the formula itself
+    torch.testing.assert_close(out[True][0], x @ layer.base.weight.T + layer.scaling * x @ layer.lora_A.T @ layer.lora_B.T)
+
+
+def test_only_small_layers_without_dropout_and_at_the_adapters_precision_fold():
+    big = torch.nn.Linear(512, 256, bias=False)                      # 131,072 weights > FOLD_MAX
+    assert not llama.LoRALinear(big, r=8, lora_alpha=16).fold
+    assert not llama.LoRALinear(torch.nn.Linear(64, 64), r=8, lora_alpha=16, dropout=0.1).fold
+    # a bf16 base keeps the literal path, so the fp32 adapter is not rounded into bf16 weights
+    layer = llama.LoRALinear(torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16), r=8, lora_alpha=16)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    literal = layer.base(x) + (layer.scaling * (x.float() @ layer.lora_A.T @ layer.lora_B.T)).to(torch.bfloat16)
+    assert layer.fold and torch.equal(layer(x), literal)
+
+
+def test_fast_paths_give_the_literal_logits_and_lora_gradients_on_both_real_models(stories, data):
+    baby = checkpoints.load_checkpoint(data / "babyllama936K" / "model5000.bin")
+    for base, explicit in ((stories, True), (baby, False)):  # heads 8 wide (written out) and 16 wide (the kernel)
+        model = copy.deepcopy(base).double()  # fp64: float order cannot hide a wrong term
+        layers = llama.add_lora(model, r=8, lora_alpha=16, rslora=True)
+        torch.manual_seed(0)
+        for m in layers.values():
+            m.double()
+            torch.nn.init.normal_(m.lora_B, std=0.02)
+        llama.mark_only_lora_trainable(model)
+        assert all(m.fold for m in layers.values()) and all(b.attention.explicit == explicit for b in model.layers)
+        tokens = torch.randint(0, model.args.vocab_size, (4, 40))
+        out = {}
+        for on in (True, False):
+            logits = llama.fast_paths(model, on)(tokens)
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            out[on] = [logits.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            model.zero_grad(set_to_none=True)
+        assert not any(m.fold for m in layers.values()) and not any(b.attention.explicit for b in model.layers)
+        # the logits come out in fp32 (Transformer.forward), and the loss's gradient with them
+        torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(out[True][1:], out[False][1:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)

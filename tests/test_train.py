@@ -8,6 +8,7 @@ import torch
 
 import checkpoints
 import llama
+import lora_da
 import train
 from conftest import ROOT
 
@@ -196,7 +197,9 @@ def test_whole_word_verbalizer_scores_the_sum_of_the_words_tokens_and_unk_is_cou
     assert [len(w) for w in task.words] == [4, 6] and task.whole_word
     assert task.max_len == 256 and task.unknown["test"] >= len(task.test)  # one newline per prompt at least
     idx = list(range(8))
-    logp = [train.word_logprob(model, task, "test", idx, k, tok.pad_id, "cpu") for k in (0, 1)]
+    logp, n = train.word_logprobs(model, task, "test", idx, tok.pad_id, "cpu")
+    logp = logp.T
+    assert n.tolist() == [[4, 6]] * len(idx)
     with torch.no_grad():
         for j in idx:
             prompt, _ = task.encode("test", j)
@@ -208,6 +211,11 @@ def test_whole_word_verbalizer_scores_the_sum_of_the_words_tokens_and_unk_is_cou
     ev = train.evaluate(model, task, "test", tok, "cpu")
     pred = [int(logp[1][j] > logp[0][j]) for j in idx]
     assert ev["accuracy"] is not None and 0 <= ev["accuracy"] <= 1
+    # the loss is the answer word's mean negative log-probability, as a pass with the answers scores it
+    b = task.batch("test", range(len(task.test)), tok.pad_id)
+    with torch.no_grad():
+        reference = lora_da.scored_losses(model(b["tokens"], at=b["targets"] != -100), b["targets"]).mean()
+    assert ev["loss"] == pytest.approx(reference.item(), rel=1e-5)
     b = task.batch("train", range(len(task.train)), tok.pad_id)
     assert (b["tokens"] == tok.unk_id).any() and not (b["targets"] == tok.unk_id).any()
     assert pred == [int(x) for x in (logp[1] > logp[0]).tolist()]
@@ -228,3 +236,16 @@ def test_words_with_distinct_first_tokens_are_scored_by_them_as_in_every_committ
     pred = (logits[first][:, task.words[1][0]] > logits[first][:, task.words[0][0]]).long()
     correct = int((pred == torch.tensor([y for _, y in task.test[:32]])).sum())
     assert train.evaluate(stories, task, "test", tokenizer, "cpu")["accuracy"] == correct / 32
+
+
+def test_fast_paths_train_to_the_same_losses_as_the_literal_layers(tmp_path, data, monkeypatch):
+    # 20 steps at the default rate, folded LoRA layers and written-out attention vs the literal forms
+    args = ["--init", "lora", "--data-dir", str(data), "--steps", "20", "--batch-size", "16", "--eval-limit", "16",
+            "--eval-interval", "0", "--no-zero-shot", "--train-limit", "2000"]
+    train.main(args + ["--out-dir", str(tmp_path / "fast")])
+    monkeypatch.setattr(llama, "FOLD_MAX", 0)
+    monkeypatch.setattr(llama, "EXPLICIT_BELOW", 0)
+    train.main(args + ["--out-dir", str(tmp_path / "literal")])
+    fast, literal = (json.loads((tmp_path / k / "metrics.json").read_text())["history"]["loss"]
+                     for k in ("fast", "literal"))
+    assert len(fast) == 20 and max(abs(a - b) for a, b in zip(fast, literal)) < 5e-5
