@@ -1,7 +1,9 @@
 """
 A single-file LLaMA-2, read beside Meta's reference model.py and llama2.c's model.py,
 plus what this project needs and they lack: a key/value cache for decoding, hand-written LoRA
-layers, a sentencepiece tokenizer and a sampling CLI. In reading order: the model, generation, LoRA,
+layers, a sentencepiece tokenizer and a sampling CLI. For tiny models on a CPU, two layers also have a
+faster form of the same math, chosen by size (fast_paths): attention written out for narrow heads, and a
+small LoRA layer folded into one matmul. In reading order: the model, generation, LoRA,
 the tokenizer, the CLI. The checkpoint formats (llama2.c .bin, Meta, Hugging Face, PEFT) live beside
 it in checkpoints.py, as llama2.c keeps export.py beside model.py.
 
@@ -141,7 +143,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # allocated on the first cached call
         # heads narrower than 16 (stories260K's are 8): on a CPU the fused kernel is slower than attention
-        # written out in three batched matmuls (studies/bench.py measures both)
+        # written out in two batched matmuls and a softmax (studies/bench.py measures both)
         self.explicit = self.head_dim < EXPLICIT_BELOW
 
     def forward(self, x, freqs_cos, freqs_sin, start_pos: Optional[int] = None):
@@ -332,7 +334,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return h
         # h = W0 x + s·B A x
-        return h + (self.scaling * F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)).type_as(h)
+        x = self.dropout(x).to(self.lora_A.dtype)  # the adapter's precision (fp32), whatever the base's
+        return h + (self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)).type_as(h)
 
     @torch.no_grad()
     def init_(self, A, B, shift_W0: bool = False):

@@ -4,6 +4,7 @@ Where a training step's time goes, and how much faster it is than the straightfo
     python studies/bench.py                          # both real models, 1 and 2 threads: about 5 minutes
     python studies/bench.py --model stories260K --threads 1
     python studies/bench.py --check-steps 100        # also 100 optimizer steps, fast vs literal: losses compared
+    python studies/bench.py --rounds 0 --check-steps 100   # only that comparison
     python studies/bench.py --compile                # also torch.compile (inductor): compile time and speed
     python studies/shapes7b.py                       # LLaMA-2-7B's shapes: memory per stage, the eigensolvers
 
@@ -13,8 +14,8 @@ Three ways to compute the same training step (the same batches, the same numbers
           (W0 x + s·B A x), attention by the fused kernel
   groups  batches cut into length groups, logits only where a loss reads them; the same literal layers
   now     what train.py runs: groups, plus the size-chosen fast paths of llama.fast_paths: a LoRA layer of
-          up to 65,536 weights as one matmul with W0 + s·B A, heads narrower than 16 attended in three
-          batched matmuls instead of the fused kernel
+          up to 65,536 weights as one matmul with W0 + s·B A, heads narrower than 16 attended by two
+          batched matmuls and a softmax instead of the fused kernel
 Timings are the best of several rounds that alternate the variants, in one process, so that a busy machine
 slows all of them alike; tokens are real (unpadded) tokens.
 """
@@ -224,7 +225,7 @@ def main():
                    help="which real model (repeatable; default: both)")
     p.add_argument("--threads", type=int, action="append", help="torch threads (repeatable; default: 1 and 2)")
     p.add_argument("--batches", type=int, default=12, help="training batches of 32 per timed round (default: 12)")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default: 3)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default: 3; 0: no timing)")
     p.add_argument("--top", type=int, default=10, help="rows of the profiler's table (default: 10)")
     p.add_argument("--check-steps", type=int, default=0,
                    help="also train this many steps with fast and literal layers and compare the losses")
@@ -239,7 +240,7 @@ def main():
               f"batch {cfg.batch_size} in {cfg.length_groups} length groups, torch {torch.__version__}")
         models = {"before": lora_copy(setup, cfg, False), "groups": lora_copy(setup, cfg, False),
                   "now": lora_copy(setup, cfg, True)}
-        for threads in args.threads or [1, 2]:
+        for threads in (args.threads or [1, 2]) if args.rounds > 0 else ():
             torch.set_num_threads(threads)
             tps = training_steps(setup, cfg, models, args.batches, args.rounds)
             opt = optimizer_share(models["now"], cfg, args.rounds)
