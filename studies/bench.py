@@ -200,23 +200,37 @@ def check_steps(setup, cfg, steps):
             ("literal layers, fp32 vs fp64", *compare(literal, literal64))]
 
 
-def compiled(setup, cfg, n_batches):
-    """torch.compile (inductor, dynamic shapes for the length groups): first-call seconds and tokens/s after."""
-    model = torch.compile(lora_copy(setup, cfg, True), dynamic=True)
+def compiled(setup, cfg, n_batches, rounds):
+    """torch.compile (inductor, dynamic shapes for the length groups) against the same eager model: seconds of
+    the first round (compiling) and tokens/s of both after it, alternating."""
+    eager = lora_copy(setup, cfg, True)
+    model = torch.compile(eager, dynamic=True)
     batches = [train.batch_indices(k * cfg.batch_size, cfg.batch_size, 9, len(setup.task.train), {})
                for k in range(n_batches)]
 
-    def fn():
-        tokens = 0
-        for idx in batches:
-            tokens += train.backward_on_batch(model, setup.task, idx, setup.tok, "cpu", cfg.length_groups,
-                                              1 / len(idx))[1]
-        return tokens
+    def over(m):
+        def fn():
+            return sum(train.backward_on_batch(m, setup.task, idx, setup.tok, "cpu", cfg.length_groups, 1 / len(idx))[1]
+                       for idx in batches)
+        return fn
     t = time.perf_counter()
-    fn()
+    over(model)()
     first = time.perf_counter() - t
-    (sec, tokens), = [v for v in best_of({"c": fn}, 2).values()]
-    return first, tokens / sec
+    res = best_of({"compiled": over(model), "eager": over(eager)}, max(rounds, 1))
+    return first, {k: n / sec for k, (sec, n) in res.items()}
+
+
+def step_of(variant, setup, cfg, model, n_batches=4):
+    """One round of a variant's step, for the profiler."""
+    task, tok = setup.task, setup.tok
+    for k in range(n_batches):
+        idx = train.batch_indices(k * cfg.batch_size, cfg.batch_size, 9, len(task.train), {})
+        if variant == "before":
+            b = task.batch("train", idx, tok.pad_id)
+            (lora_da.sequence_losses(model(b["tokens"]), b["targets"]).sum() / len(idx)).backward()
+        else:
+            train.backward_on_batch(model, task, idx, tok, "cpu", cfg.length_groups, 1 / len(idx))
+    model.zero_grad(set_to_none=True)
 
 
 def main():
@@ -272,22 +286,10 @@ def main():
                 print(f"    {label:<66} largest difference {diff:.1e}, "
                       + (f"first at 5e-5 or more: step {first}" if first else "all steps within 5e-5"))
         if args.compile:
-            first, tps_c = compiled(setup, cfg, args.batches)
-            print(f"\n  torch.compile (inductor, dynamic): first {args.batches} batches {first:.1f} s (compiling), "
-                  f"then {tps_c:,.0f} tok/s")
-
-
-def step_of(variant, setup, cfg, model, n_batches=4):
-    """One round of a variant's step, for the profiler."""
-    task, tok = setup.task, setup.tok
-    for k in range(n_batches):
-        idx = train.batch_indices(k * cfg.batch_size, cfg.batch_size, 9, len(task.train), {})
-        if variant == "before":
-            b = task.batch("train", idx, tok.pad_id)
-            (lora_da.sequence_losses(model(b["tokens"]), b["targets"]).sum() / len(idx)).backward()
-        else:
-            train.backward_on_batch(model, task, idx, tok, "cpu", cfg.length_groups, 1 / len(idx))
-    model.zero_grad(set_to_none=True)
+            first, tps = compiled(setup, cfg, args.batches, args.rounds)
+            print(f"\n  torch.compile (inductor, dynamic), {torch.get_num_threads()} thread(s): first {args.batches} "
+                  f"batches {first:.1f} s (compiling), then {tps['compiled']:,.0f} tok/s against {tps['eager']:,.0f} "
+                  f"eager ({tps['compiled'] / tps['eager']:.2f}x)")
 
 
 if __name__ == "__main__":
