@@ -141,7 +141,7 @@ def test_corrupt_checkpoint_and_nan_loss_fail_cleanly_and_keep_the_earlier_check
     assert r.returncode != 0 and "cut.bin: 5000 bytes, expected" in r.stderr and r.stderr.count("\n") == 1
     # a learning rate that blows up: the run stops at the first non-finite loss, the checkpoint before it stays
     out = tmp_path / "b"
-    r = run_cli("--lr", "1e4", "--grad-clip", "0", "--warmup", "0", "--steps", "60", "--eval-interval", "1",
+    r = run_cli("--lr", "1e20", "--grad-clip", "0", "--warmup", "0", "--steps", "60", "--eval-interval", "1",
                 "--batch-size", "4", "--eval-limit", "8", "--init-samples", "8", "--out-dir", str(out))
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "loss became nan" in r.stderr or "became non-finite" in r.stderr

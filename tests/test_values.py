@@ -190,6 +190,7 @@ def test_step_zero_moves_each_layer_downhill_by_the_stated_size(stories, method)
     G = L.kfac_statistics(model, used, L.causal_lm_losses, layers, batch_size=4, factors=False).G  # at W0
     L.initialize(model, method, samples, cfg=cfg)
     x = torch.randn(5, 64)
+    llama.fast_paths(model, False)  # W0 x + s·B A x as written: the folded (W0 + s·B A) x would lose the small step to cancellation
     for name, m in layers.items():
         BA = m.lora_B.double() @ m.lora_A.double()
         # the output change of each layer is s·B A x (the adapter is the only thing that moved)
