@@ -319,7 +319,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # a small layer is overhead-bound: one matmul with W0 + s·B A costs less than three (the same product
         # and the same gradients of A and B); a large one is flop-bound and keeps the low-rank path
-        self.fold = dropout == 0 and d_in * d_out <= FOLD_MAX
+        self.foldable = dropout == 0 and d_in * d_out <= FOLD_MAX
+        self.fold = self.foldable  # fast_paths switches it
         self.merged = False
         self.W0_shift = None  # (B, A) of the init when it moved W0 by −s·B A (PiSSA, LoRA-GA)
         # standard LoRA: A ~ Kaiming-uniform(a=√5) = U(-1/√d_in, 1/√d_in), B = 0, so B A = 0 at step 0
@@ -414,8 +415,7 @@ def fast_paths(model: nn.Module, on: bool = True):
     The two give the same numbers up to float order; studies/bench.py times both, the tests compare them."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
-            d_out, d_in = m.base.weight.shape
-            m.fold = on and isinstance(m.dropout, nn.Identity) and d_in * d_out <= FOLD_MAX
+            m.fold = on and m.foldable
         elif isinstance(m, Attention):
             m.explicit = on and m.head_dim < EXPLICIT_BELOW
     return model

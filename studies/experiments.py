@@ -178,19 +178,15 @@ CONTROL_INITS = (
     ("da-rel1e-1", "da", ("--relative-damping", "1e-1")),                           # λ relative to each factor
     ("whitened", "whitened", ()),                                                   # §11's direction, da's scale/step
 )
-# every cell in both modes (standard and A frozen)
-NOT_FROZEN = ()
-
 
 def control_cells():
     out = []
     for name, method, args in CONTROL_INITS:
         tag = name[len(method) + 1:] if name.startswith(method + "-") else ""   # "da-lorascale" -> "lorascale"
         tag = tag or (name if name != method else "")
-        out.append(Cell(name, method, args, args, tag, series="standard"))
-        if name not in NOT_FROZEN:
-            out.append(Cell(f"{name}-FA", method, args + ("--freeze-A",), args + ("--freeze-A",),
-                            f"{tag}-FA" if tag else "FA", series="A frozen"))
+        out.append(Cell(name, method, args, args, tag, series="standard"))  # every cell in both modes
+        out.append(Cell(f"{name}-FA", method, args + ("--freeze-A",), args + ("--freeze-A",),
+                        f"{tag}-FA" if tag else "FA", series="A frozen"))
     return tuple(out)
 
 
@@ -215,7 +211,8 @@ CONTROL_PAIRS = (("da", "lora", "the gap"),
 # the released corner (so da's own cell carries its initial step too); lora, da and their frozen-A cells are the
 # babyllama study's runs, copied. One selection seed, as that study, on the four rates of its grid where some cell
 # learned (at 3e-3 and 1e-2 every standard cell there predicted one class)
-BABY_CONTROLS = tuple(c for c in CONTROLS if c.name.removesuffix("-FA") in ("lora", "da", "da-lorascale", "random-dascale"))
+BABY_CONTROLS = tuple(c for c in CONTROLS
+                      if c.name.removesuffix("-FA") in ("lora", "da", "da-lorascale", "random-dascale"))
 BABY_CONTROL_PAIRS = (("da", "lora", "the gap"),
                       ("da", "random-dascale", "direction + step (da's scale)"),
                       ("random-dascale", "lora", "scale (random direction, B = 0)"),
@@ -242,7 +239,8 @@ STUDIES = {
     "convergence": Study("sst2", plain(METHODS), (), (), (), (), of=("baselines",)),
     "gsm8k": Study("gsm8k", plain(METHODS), (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (101,), (1, 2, 3, 4, 5), GSM8K, metric="loss"),
     # ga chose 3e-4, the edge of LRS, in samples and rank: their grid goes down to 1e-4
-    "samples": Study("sst2", samples_cells(), (1e-4,) + LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, tie_seeds=(103,), xlabel="init samples |S|",
+    "samples": Study("sst2", samples_cells(), (1e-4,) + LRS, (101, 102), (1, 2, 3, 4, 5), SCALE,
+                     tie_seeds=(103,), xlabel="init samples |S|",
                      pairs=pairs_of(samples_cells(), lambda a, b: a.method == "da" and b.method != "da"),
                      question="How many init samples does LoRA-DA need (open question 3)?"),
     # lora-N64 chose 1e-2, the edge of LRS: the grid goes up to 3e-2
@@ -253,7 +251,8 @@ STUDIES = {
     "ablation": Study("sst2", ABLATION, LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, tie_seeds=(103,),
                       pairs=tuple(("da", c.name) for c in ABLATION if c.name != "da"),
                       question="What do the bias term, the variance term, normalization and γ each contribute (next check 3)?"),
-    "rank": Study("sst2", rank_cells(), (1e-4,) + LRS, (101, 102), (1, 2, 3, 4, 5), SCALE, tie_seeds=(103,), xlabel="rank r",
+    "rank": Study("sst2", rank_cells(), (1e-4,) + LRS, (101, 102), (1, 2, 3, 4, 5), SCALE,
+                  tie_seeds=(103,), xlabel="rank r",
                   pairs=pairs_of(rank_cells(), lambda a, b: a.method == "da" and b.method != "da"),
                   question="Is LoRA-DA's gain robust across ranks (first experiment 2)?"),
     # a frozen A0 as small as LoRA-DA's and LoRA-One's wants larger rates: the grid goes to 1e-1
@@ -1196,8 +1195,8 @@ def with_holm(extra):
     return lambda *a: extra(*a) + [""] + baselines_extra(*a)
 
 
-EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "baselines": baselines_extra, "function-space": baselines_extra,
-          "babyllama": babyllama_extra, "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
+EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "baselines": baselines_extra,
+          "function-space": baselines_extra, "babyllama": babyllama_extra, "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
           "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra), "rank": baselines_extra}
 
 
