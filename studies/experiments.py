@@ -138,7 +138,10 @@ def rank_cells():
         for m in ("lora", "ga", "da"):
             if m == "ga" and r == 32:  # LoRA-GA takes 2r singular vectors: 2r > 32, the wk/wv output size
                 continue
-            out.append(Cell(m if r == 8 else f"{m}-r{r}", m, ("--rank", str(r)), x=r))
+            # r sets LoRA-DA's initial step (BA = ΔW A0A0ᵀ/γ over r directions) and the number of trained
+            # weights: each r is its own rate group (r = 8, the default, keeps the plain group names)
+            rate = dict(rate_args=("--rank", str(r)), rate_name=f"r{r}") if r != 8 else {}
+            out.append(Cell(m if r == 8 else f"{m}-r{r}", m, ("--rank", str(r)), x=r, **rate))
     return tuple(out)
 
 
@@ -209,8 +212,8 @@ CONTROL_PAIRS = (("da", "lora", "the gap"),
 # the controls on the second real model (babyllama936K at the babyllama study's budget), cut to fit two cores: the
 # 2 x 2 of A's direction (LoRA-DA's Eq. 10 or random) by its scale (LoRA's or LoRA-DA's), in both modes, B = 0 off
 # the released corner (so da's own cell carries its initial step too); lora, da and their frozen-A cells are the
-# babyllama study's runs, copied. One selection seed, as that study, on the four rates of its grid where some cell
-# learned (at 3e-3 and 1e-2 every standard cell there predicted one class)
+# babyllama study's runs, copied. One selection seed, as that study, on its grid without 1e-2 (where every cell
+# there predicted one class); 3e-5 because a random direction at LoRA-DA's scale chose 1e-4, the edge without it
 BABY_CONTROLS = tuple(c for c in CONTROLS
                       if c.name.removesuffix("-FA") in ("lora", "da", "da-lorascale", "random-dascale"))
 BABY_CONTROL_PAIRS = (("da", "lora", "the gap"),
@@ -276,7 +279,7 @@ STUDIES = {
                       tie_seeds=(102, 103),
                       question="Which of A0's direction, A's scale, the initial step, the labels and the damping "
                                "explains LoRA-DA's gap to LoRA, in standard and in frozen-A training?"),
-    "controls-babyllama": Study("sst2", BABY_CONTROLS, (1e-4, 3e-4, 1e-3, 3e-3), (101,), (1, 2, 3, 4, 5), BABY,
+    "controls-babyllama": Study("sst2", BABY_CONTROLS, (3e-5, 1e-4, 3e-4, 1e-3, 3e-3), (101,), (1, 2, 3, 4, 5), BABY,
                                 pairs=tuple((a + fa, b + fa) for fa in ("", "-FA") for a, b, _ in BABY_CONTROL_PAIRS),
                                 question="Does the attribution hold on the second real model: is LoRA-DA's gap to LoRA "
                                          "its scale in standard training and its direction with A frozen?"),
