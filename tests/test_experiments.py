@@ -128,6 +128,11 @@ def test_cells_train_at_their_rate_groups_rate():
     assert study.cell("da-N64-beta1").group == study.cell("da-N64").group == "da-N64" != study.cell("da-N256").group
     sel = E.run_args(study, "da-N64", 1e-3, 101, "select")
     assert "--no-test-eval" in sel and sel[sel.index("--train-size") + 1] == "64" and "--beta" not in sel
+    # and a rank cell's group is its r: r sets LoRA-DA's initial step, so every r is selected at that r
+    rank = E.STUDIES["rank"]
+    assert rank.cell("da-r4").group == "da-r4" != rank.cell("da-r16").group and rank.cell("da").group == "da"
+    sel = E.run_args(rank, "da-r4", 1e-3, 101, "select")
+    assert sel[sel.index("--rank") + 1] == "4"
     # the grids cover every cell with at least 5 report seeds, and LoRA-GA never at a rank it cannot take
     for name, s in E.STUDIES.items():
         if s.cells and name not in ("convergence", "gsm8k"):
