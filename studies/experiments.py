@@ -166,8 +166,7 @@ BABY_CELLS = plain(("lora", "ga", "one", "da")) + tuple(
 
 # the attribution controls (theory.md §12): each cell changes one of A0's direction, A's scale, the initial step,
 # the statistics' labels and the damping; every cell is its own rate group (the scale sets the rate), in standard
-# and frozen-A training. lora, da and whitened are the frozen-a and function-space studies' runs, copied. The
-# relative dampings k = 1e-3 and 1e-2 are measured without training (the mechanism table: their A0 against λ's).
+# and frozen-A training. lora, da and whitened are the frozen-a and function-space studies' runs, copied.
 CONTROL_INITS = (
     ("lora", "lora", ()),                                                           # random direction, LoRA's scale
     ("da", "da", ()),                                                               # as released
@@ -178,7 +177,7 @@ CONTROL_INITS = (
     ("gradient-dascale", "da", ("--direction", "gradient", "--no-step")),            # LoRA-One/GA's direction
     ("gradient-lorascale", "da", ("--direction", "gradient", "--a-scale", "lora", "--no-step")),
     ("da-shuffled", "da", ("--shuffle-labels",)),                                   # statistics with labels permuted
-    ("da-rel1e-1", "da", ("--relative-damping", "1e-1")),                           # λ relative to each factor
+    *((f"da-rel{k}", "da", ("--relative-damping", k)) for k in ("1e-3", "1e-2", "1e-1")),  # λ relative to each factor
     ("whitened", "whitened", ()),                                                   # §11's direction, da's scale/step
 )
 
@@ -205,7 +204,7 @@ CONTROL_PAIRS = (("da", "lora", "the gap"),
                  ("gradient-dascale", "random-dascale", "gradient direction (da's scale, B = 0)"),
                  ("gradient-lorascale", "lora", "gradient direction (LoRA's scale, B = 0)"),
                  ("da", "da-shuffled", "the labels in the statistics"),
-                 ("da-rel1e-1", "da", "relative damping k = 1e-1"),
+                 *((f"da-rel{k}", "da", f"relative damping k = {k}") for k in ("1e-3", "1e-2", "1e-1")),
                  ("whitened", "da", "§11's direction"))
 
 
