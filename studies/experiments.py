@@ -1194,6 +1194,18 @@ def llama_models():
     return tuple(llama.MODELS)
 
 
+def collapse_extra(study, runs, chosen, out):
+    """Every cell's runs that collapsed to one class, a column of its own (the pairs' table shows only b's)."""
+    lines = ["## Runs collapsed to one class per cell (≥ 95% of test predictions the same label)", "",
+             "| cell | lr | collapsed |", "|---|---|---|"]
+    for c in study.cells:
+        recs = [r for s in study.seeds if (r := runs.get(run_name(c.name, chosen.get(c.group, 0), s, "report")))
+                and "metrics" in r]
+        if recs:
+            lines.append(f"| {c.name} | {chosen[c.group]:g} | {collapse_count(recs)} |")
+    return lines
+
+
 def with_holm(extra):
     """A study's own diagnostics, then its family of comparisons under Holm's correction with collapse counts."""
     return lambda *a: extra(*a) + [""] + baselines_extra(*a)
@@ -1201,7 +1213,8 @@ def with_holm(extra):
 
 EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "baselines": baselines_extra,
           "function-space": baselines_extra, "babyllama": babyllama_extra, "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
-          "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra), "rank": baselines_extra}
+          "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra),
+          "rank": with_holm(collapse_extra)}
 
 
 def main(argv=None):
