@@ -1206,15 +1206,16 @@ def collapse_extra(study, runs, chosen, out):
     return lines
 
 
-def with_holm(extra):
-    """A study's own diagnostics, then its family of comparisons under Holm's correction with collapse counts."""
-    return lambda *a: extra(*a) + [""] + baselines_extra(*a)
+def with_holm(extra=lambda *a: []):
+    """A study's own diagnostics, each cell's collapsed runs, then its family of comparisons under Holm's
+    correction."""
+    return lambda *a: extra(*a) + [""] + collapse_extra(*a) + [""] + baselines_extra(*a)
 
 
 EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "baselines": baselines_extra,
           "function-space": baselines_extra, "babyllama": babyllama_extra, "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
           "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra),
-          "rank": with_holm(collapse_extra)}
+          "rank": with_holm()}
 
 
 def main(argv=None):
