@@ -1212,8 +1212,8 @@ def with_holm(extra=lambda *a: []):
     return lambda *a: extra(*a) + [""] + collapse_extra(*a) + [""] + baselines_extra(*a)
 
 
-EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "baselines": baselines_extra,
-          "function-space": baselines_extra, "babyllama": babyllama_extra, "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
+EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "baselines": with_holm(),
+          "function-space": with_holm(), "babyllama": babyllama_extra, "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
           "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra),
           "rank": with_holm()}
 
