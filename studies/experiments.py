@@ -572,6 +572,12 @@ def fmt(m, h, pct=False):
     return f"{k * m:.2f} ± {k * h:.2f}" if pct else f"{m:.4f} ± {h:.4f}"
 
 
+def report_records(study, runs, chosen, cell):
+    """The finished (not diverged) report runs of a cell at its group's chosen rate, one per seed that has one."""
+    rate = chosen.get(study.cell(cell).group, 0)
+    return [r for s in study.seeds if (r := runs.get(run_name(cell, rate, s, "report"))) and "metrics" in r]
+
+
 def report_scores(study, runs, chosen, metric, split=None):
     """{cell: {seed: final score}} of the report runs."""
     out = {}
@@ -986,8 +992,7 @@ def baselines_extra(study, runs, chosen, out):
              "|---|---|---|---|---|---|"]
     for x, y in pairs:
         k, (d, h, _) = f"{x} − {y}", paired(acc[x], acc[y])
-        recs = [r for sd in study.seeds if (r := runs.get(run_name(y, chosen.get(study.cell(y).group, 0), sd, "report")))
-                and "metrics" in r]
+        recs = report_records(study, runs, chosen, y)
         col = collapse_count(recs)
         lines.append(f"| {k} | {100 * d:+.2f} ± {100 * h:.2f} | {p[k]:.3f} | {'resolved' if p[k] <= 0.05 else '–'} | "
                      f"{'resolved' if adjusted[k] else '–'} | {col} |")
@@ -1002,8 +1007,7 @@ def babyllama_extra(study, runs, chosen, out):
              "principal angle between the initial and final row spaces of A, mean over the 35 layers; mean ± 95% CI "
              "over seeds)", "", "| cell | collapsed | A drift (degrees) |", "|---|---|---|"]
     for c in study.cells:
-        recs = [r for s in study.seeds if (r := runs.get(run_name(c.name, chosen.get(c.group, 0), s, "report")))
-                and "metrics" in r]
+        recs = report_records(study, runs, chosen, c.name)
         if recs:
             drift = mean_ci([r["metrics"]["A_drift_degrees"]["mean"] for r in recs])
             lines.append(f"| {c.name} | {sum(map(collapsed, recs))} of {len(recs)} | {drift[0]:.1f} ± {drift[1]:.1f} |")
@@ -1064,8 +1068,7 @@ def controls_extra(study, runs, chosen, out):
               "", "| cell | lr | collapsed | A drift (degrees) | step-0 test accuracy (%) | step-0 test loss |",
               "|---|---|---|---|---|---|"]
     for c in study.cells:
-        recs = [r for sd in study.seeds if (r := runs.get(run_name(c.name, chosen.get(c.group, 0), sd, "report")))
-                and "metrics" in r]
+        recs = report_records(study, runs, chosen, c.name)
         if recs:
             m = recs[0]["metrics"]
             drift = mean_ci([r["metrics"]["A_drift_degrees"]["mean"] for r in recs])
@@ -1199,8 +1202,7 @@ def collapse_extra(study, runs, chosen, out):
     lines = ["## Runs collapsed to one class per cell (≥ 95% of test predictions the same label)", "",
              "| cell | lr | collapsed |", "|---|---|---|"]
     for c in study.cells:
-        recs = [r for s in study.seeds if (r := runs.get(run_name(c.name, chosen.get(c.group, 0), s, "report")))
-                and "metrics" in r]
+        recs = report_records(study, runs, chosen, c.name)
         if recs:
             lines.append(f"| {c.name} | {chosen[c.group]:g} | {collapse_count(recs)} |")
     return lines
@@ -1212,10 +1214,10 @@ def with_holm(extra=lambda *a: []):
     return lambda *a: extra(*a) + [""] + collapse_extra(*a) + [""] + baselines_extra(*a)
 
 
-EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "baselines": with_holm(),
-          "function-space": with_holm(), "babyllama": babyllama_extra, "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
-          "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra),
-          "rank": with_holm()}
+EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "babyllama": babyllama_extra,
+          "baselines": with_holm(), "function-space": with_holm(), "rank": with_holm(),
+          "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
+          "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra)}
 
 
 def main(argv=None):
