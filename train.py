@@ -8,7 +8,7 @@ Fine-tune a real LLaMA with LoRA, initialized by LoRA-DA or one of its peers, an
     python train.py --checkpoint /models/llama-2-7b --tokenizer /models/tokenizer.model \\
         --dtype bf16 --device cuda --layers-per-pass 8 --lr 2e-4 --init da          # one GPU
 
-Reads the real data from --data-dir, $LORA_DA_DATA, ./data or ../shared/data (see README.md).
+Reads the real data from --data-dir, $LORA_DA_DATA, ./data or ../shared/data (see GUIDE.md).
 """
 import argparse
 import copy

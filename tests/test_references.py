@@ -53,7 +53,7 @@ def test_theory_md_defines_its_sections_and_equations():
     assert set(range(1, 19)) <= theory_equations()
 
 
-DOCS = [ROOT / "theory.md", ROOT / "README.md", ROOT / "FINDINGS.md", ROOT / "tests" / "README.md"]
+DOCS = [ROOT / "theory.md", ROOT / "README.md", ROOT / "GUIDE.md", ROOT / "FINDINGS.md", ROOT / "tests" / "README.md"]
 
 
 @pytest.mark.parametrize("path", SOURCES + DOCS, ids=lambda p: str(p.relative_to(ROOT)))
