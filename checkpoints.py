@@ -1,6 +1,7 @@
 """
 The real checkpoint formats, beside the model as llama2.c keeps export.py beside model.py: llama2.c's
-legacy .bin, Meta's params.json + consolidated.NN.pth, Hugging Face folders, and PEFT adapter folders
+legacy .bin, llama.cpp's GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_1 read and dequantized to fp32; F32/F16
+written), Meta's params.json + consolidated.NN.pth, Hugging Face folders, and PEFT adapter folders
 (read and write); this project's own LoRA files; and the atomic file writes every output uses.
 
     model = checkpoints.load_checkpoint("../shared/data/stories260K/stories260K.bin")
@@ -79,8 +80,8 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32) -> Transformer:
     """Detect the format at `path` and return a ready Transformer in eval mode."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path} (expected a llama2.c .bin file, a Meta folder "
-                              f"with params.json, or a Hugging Face folder with config.json)")
+        raise CheckpointError(f"checkpoint not found: {path} (expected a llama2.c .bin file, a GGUF file, a Meta "
+                              f"folder with params.json, or a Hugging Face folder with config.json)")
     if path.is_dir():
         if (path / "params.json").exists():
             args, sd = _read_meta(path)
@@ -88,9 +89,20 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32) -> Transformer:
             args, sd = _read_hf(path)
         else:
             raise CheckpointError(f"{path}: folder has neither params.json (Meta) nor config.json (Hugging Face)")
+    elif is_gguf(path) or path.suffix.lower() == ".gguf":
+        args, sd = _read_gguf_model(path)
     else:
         args, sd = _read_llama2c(path)
     return _build(args, sd, device, dtype, source=path)
+
+
+def is_gguf(path) -> bool:
+    """A file that starts with GGUF's magic (whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 def read_args(path) -> ModelArgs:
@@ -100,9 +112,12 @@ def read_args(path) -> ModelArgs:
         return meta_args(read_json(path / "params.json"), path / "params.json")
     if (path / "config.json").is_file():
         return hf_args(read_json(path / "config.json"), path / "config.json")
+    if path.is_file() and (is_gguf(path) or path.suffix.lower() == ".gguf"):
+        meta, tensors, _ = read_gguf(path)
+        return gguf_args(meta, path, tensors["token_embd.weight"][1][0] if "token_embd.weight" in tensors else 0)
     if path.is_file():
         return _read_llama2c(path)[0]
-    raise CheckpointError(f"checkpoint not found: {path} (expected a llama2.c .bin file, a Meta folder with "
+    raise CheckpointError(f"checkpoint not found: {path} (expected a llama2.c .bin file, a GGUF file, a Meta folder with "
                           f"params.json, a Hugging Face folder with config.json, or a preset: {', '.join(PRESETS)})")
 
 
@@ -229,6 +244,299 @@ def _read_llama2c(path: Path):
 # Meta's model parallelism splits each weight along one dimension; merging shards undoes it.
 # ColumnParallelLinear (wq wk wv w1 w3 output): dim 0; RowParallelLinear (wo w2) and
 # ParallelEmbedding: dim 1; norms are replicated.
+# -----------------------------------------------------------------------------
+# GGUF (llama.cpp's format, v2 and v3): a header, typed metadata, tensor infos, then the aligned tensor data.
+#
+#   magic b"GGUF" | u32 version | u64 n_tensors | u64 n_metadata
+#   n_metadata x (string key | u32 value type | value)      string = u64 byte length + UTF-8 bytes
+#   n_tensors  x (string name | u32 n_dims | u64 dims[n_dims], innermost first | u32 ggml type | u64 offset)
+#   padding to general.alignment (default 32), then each tensor at data start + its offset (itself aligned)
+#
+# A tensor listed as dims [576, 49152] is torch's (49152, 576): GGUF lists the fastest-varying dimension first.
+# Block layouts of the quantized types read here (ggml-common.h), 32 weights a block, little-endian:
+#   Q8_0  34 bytes: f16 d, then 32 x int8 q;                       w[i] = d * q[i]
+#   Q4_0  18 bytes: f16 d, then 16 bytes of nibbles;               w[i] = d * (q[i] - 8)
+#   Q4_1  20 bytes: f16 d, f16 m, then 16 bytes of nibbles;        w[i] = d * q[i] + m
+#   nibbles: byte j holds weight j in its low 4 bits and weight j + 16 in its high 4 bits (j = 0..15).
+
+GGUF_MAGIC = b"GGUF"
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+              11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+              19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+              27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0"}
+# the types dequantized here: (weights per block, bytes per block)
+GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
+# llama.cpp's tensor names -> Meta's (this model's)
+GGUF_NAMES = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+              "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+              "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3"}
+
+
+class _Reader:
+    """Little-endian reads from a byte buffer, each one checked against the end (a truncated file is named)."""
+
+    def __init__(self, data, source):
+        self.data, self.pos, self.source = data, 0, source
+
+    def take(self, n):
+        if n < 0 or self.pos + n > len(self.data):
+            raise CheckpointError(f"{self.source}: truncated GGUF header ({n} bytes wanted at byte {self.pos} of "
+                                  f"{len(self.data)})")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self):
+        raw = self.take(self.scalar("<Q"))
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.source}: a GGUF string at byte {self.pos - len(raw)} is not UTF-8")
+
+    def value(self, vtype):
+        if vtype in GGUF_SCALARS:
+            return self.scalar(GGUF_SCALARS[vtype])
+        if vtype == GGUF_STRING:
+            return self.string()
+        if vtype == GGUF_ARRAY:
+            etype, n = self.scalar("<I"), self.scalar("<Q")
+            if etype in GGUF_SCALARS and etype != 7:  # numbers: one unpack for the whole array
+                size = struct.calcsize(GGUF_SCALARS[etype])
+                return list(memoryview(self.take(n * size)).cast(GGUF_SCALARS[etype][1]))
+            return [self.value(etype) for _ in range(n)]
+        raise CheckpointError(f"{self.source}: unknown GGUF metadata value type {vtype} at byte {self.pos}")
+
+
+def read_gguf(path) -> tuple:
+    """A GGUF file -> (metadata dict, {name: (ggml type name, torch shape, offset in file, nbytes)}, the file's
+    bytes as a memoryview). Nothing is dequantized yet."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = memoryview(f.read())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})")
+    r = _Reader(data, path)
+    magic = bytes(r.take(4)) if len(data) >= 4 else bytes(data)
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    version = r.scalar("<I")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version}; this reader knows versions 2 and 3")
+    n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+    if n_tensors > len(data) or n_kv > len(data):
+        raise CheckpointError(f"{path}: the header claims {n_tensors} tensors and {n_kv} metadata keys in a "
+                              f"{len(data)}-byte file")
+    meta = {}
+    for _ in range(n_kv):
+        key = r.string()
+        meta[key] = r.value(r.scalar("<I"))
+    infos = {}
+    for _ in range(n_tensors):
+        name, n_dims = r.string(), r.scalar("<I")
+        if n_dims > 4:
+            raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions (GGUF allows at most 4)")
+        dims = [r.scalar("<Q") for _ in range(n_dims)]
+        code, offset = r.scalar("<I"), r.scalar("<Q")
+        kind = GGML_TYPES.get(code, f"type {code}")
+        infos[name] = (kind, tuple(reversed(dims)), offset)
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align < 1 or align & (align - 1):
+        raise CheckpointError(f"{path}: general.alignment {align} is not a power of two")
+    start = (r.pos + align - 1) // align * align
+    tensors = {}
+    for name, (kind, shape, offset) in infos.items():
+        if kind not in GGML_BLOCKS:
+            raise CheckpointError(f"{path}: tensor {name} is {kind}; this reader dequantizes "
+                                  f"{', '.join(GGML_BLOCKS)} only (re-export the model in one of them)")
+        per, size = GGML_BLOCKS[kind]
+        n = math.prod(shape)
+        if n % per or (shape and shape[-1] % per):
+            raise CheckpointError(f"{path}: tensor {name} {shape} is not a whole number of {kind} blocks of {per}")
+        nbytes = n // per * size
+        if offset % align or start + offset + nbytes > len(data):
+            raise CheckpointError(f"{path}: tensor {name} ({kind}, {shape}) at offset {offset} runs past the end of "
+                                  f"the file ({len(data)} bytes) or is not {align}-aligned: truncated or corrupt")
+        tensors[name] = (kind, shape, start + offset, nbytes)
+    return meta, tensors, data
+
+
+def dequantize(kind: str, raw, shape) -> torch.Tensor:
+    """The fp32 weights of one GGUF tensor from its raw bytes (layouts in the comment above)."""
+    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    if kind == "F32":
+        return buf.view(torch.float32).reshape(shape).clone()
+    if kind == "F16":
+        return buf.view(torch.float16).float().reshape(shape)
+    if kind == "BF16":
+        return buf.view(torch.bfloat16).float().reshape(shape)
+    per, size = GGML_BLOCKS[kind]
+    blocks = buf.view(-1, size)                                          # (n_blocks, bytes per block)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()           # (n_blocks, 1) scale
+    if kind == "Q8_0":
+        q = blocks[:, 2:].contiguous().view(torch.int8).float()          # (n_blocks, 32)
+        return (d * q).reshape(shape)
+    nib = blocks[:, size - 16:]                                          # (n_blocks, 16) packed nibbles
+    q = torch.cat([nib & 0x0F, nib >> 4], dim=1).float()                 # weights 0..15 low, 16..31 high
+    if kind == "Q4_0":
+        return (d * (q - 8)).reshape(shape)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()          # Q4_1: (n_blocks, 1) minimum
+    return (d * q + m).reshape(shape)
+
+
+def gguf_args(meta: dict, source, vocab_size: int) -> ModelArgs:
+    """ModelArgs from a GGUF file's llama.* metadata; another architecture is refused."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{source}: general.architecture is {arch!r}; this project reads llama models only")
+
+    def get(key, kind=int):
+        v = meta.get(f"llama.{key}")
+        if v is None:
+            raise CheckpointError(f"{source}: missing metadata key llama.{key}")
+        if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
+            raise CheckpointError(f"{source}: llama.{key} must be an integer, got {v!r}")
+        if kind is float and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise CheckpointError(f"{source}: llama.{key} must be a positive number, got {v!r}")
+        return v
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    rope = meta.get("llama.rope.dimension_count", dim // max(n_heads, 1))
+    if n_heads and rope != dim // n_heads:
+        raise CheckpointError(f"{source}: llama.rope.dimension_count {rope} rotates part of each head "
+                              f"({dim // n_heads}); partial rotary embeddings are not implemented")
+    for key in ("llama.rope.scaling.type", "llama.rope.scaling.factor"):
+        if meta.get(key) not in (None, "none", 1, 1.0):
+            raise CheckpointError(f"{source}: {key} = {meta[key]!r}: RoPE scaling is not implemented")
+    if meta.get("llama.vocab_size", vocab_size) != vocab_size:
+        raise CheckpointError(f"{source}: llama.vocab_size {meta['llama.vocab_size']} disagrees with the token "
+                              f"embedding's {vocab_size} rows")
+    return ModelArgs(dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+                     n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads), vocab_size=vocab_size,
+                     hidden_dim=get("feed_forward_length"),
+                     # stored as float32: 7 significant digits say what was written (1e-05, not 9.99999974e-06)
+                     norm_eps=float(f"{get('attention.layer_norm_rms_epsilon', float):.7g}"),
+                     rope_theta=float(f"{meta.get('llama.rope.freq_base', 10000.0):.7g}"),
+                     max_seq_len=get("context_length"), tie_embeddings=True)
+
+
+def _read_gguf_model(path: Path):
+    """A llama GGUF file -> (ModelArgs, Meta-named fp32 state dict). wq and wk need no permutation: llama.cpp's
+    converter stores them in Meta's interleaved-pair rotary layout (it permutes Hugging Face's half-split
+    layout back), the layout llama.py's RoPE uses; tests/test_gguf.py checks it against the other one."""
+    meta, tensors, data = read_gguf(path)
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    vocab = tensors["token_embd.weight"][1][0]
+    args = gguf_args(meta, path, vocab)
+    args.tie_embeddings = "output.weight" not in tensors
+    sd = {}
+    for name, (kind, shape, offset, nbytes) in tensors.items():
+        if name == "rope_freqs.weight":  # derived from θ, as Meta's rope.freqs: recomputed, never read
+            continue
+        parts = name.split(".")
+        if name == "token_embd.weight":
+            key = "tok_embeddings.weight"
+        elif name == "output_norm.weight":
+            key = "norm.weight"
+        elif name == "output.weight":
+            key = "output.weight"
+        elif parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES and parts[1].isdigit():
+            key = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
+        else:
+            raise CheckpointError(f"{path}: tensor {name} is not part of a llama model")
+        sd[key] = dequantize(kind, data[offset:offset + nbytes], shape)
+    return args, sd
+
+
+GGUF_FILE_TYPES = {"F32": 0, "F16": 1}
+
+
+def save_gguf(model: Transformer, path, tokenizer=None, dtype: str = "F16", name: str = "lora-da"):
+    """The model (merge LoRA first) as a llama GGUF v3 file that llama.cpp runs: Meta-layout weights in F32 or
+    F16 (the norms always F32, as llama.cpp writes them), llama.* metadata, and the byte-level BPE tokenizer's
+    tokens, types, merges and special ids when `tokenizer` is a bpe.BPETokenizer (its metadata is copied)."""
+    if dtype not in GGUF_FILE_TYPES:
+        raise ValueError(f"GGUF export writes F32 or F16, got {dtype!r}")
+    a = model.args
+    meta = {"general.architecture": "llama", "general.name": name, "general.file_type": GGUF_FILE_TYPES[dtype],
+            "general.alignment": 32, "llama.context_length": a.max_seq_len, "llama.embedding_length": a.dim,
+            "llama.block_count": a.n_layers, "llama.feed_forward_length": ffn_hidden_dim(a),
+            "llama.attention.head_count": a.n_heads, "llama.attention.head_count_kv": a.n_kv_heads or a.n_heads,
+            "llama.rope.freq_base": float(a.rope_theta), "llama.rope.dimension_count": a.dim // a.n_heads,
+            "llama.attention.layer_norm_rms_epsilon": float(a.norm_eps), "llama.vocab_size": a.vocab_size}
+    if tokenizer is not None and getattr(tokenizer, "gguf_metadata", None):
+        meta.update(tokenizer.gguf_metadata())
+    back = {v: k for k, v in GGUF_NAMES.items()}
+    tensors = []
+    for key, t in model.state_dict().items():
+        if key == "output.weight" and a.tie_embeddings:
+            continue
+        if "lora_" in key or ".base." in key:
+            raise ValueError(f"merge the LoRA layers before a GGUF export (found {key})")
+        if key in ("tok_embeddings.weight", "norm.weight", "output.weight"):
+            gname = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}.get(key, key)
+        else:
+            _, i, mod = key.split(".", 2)
+            gname = f"blk.{i}.{back[mod.rsplit('.', 1)[0]]}.weight"
+        t = t.detach().float().cpu().contiguous()
+        kind = "F32" if t.dim() == 1 or dtype == "F32" else "F16"
+        tensors.append((gname, kind, t if kind == "F32" else t.half()))
+    return write_gguf(path, meta, [(n, k, tuple(t.shape), t.numpy().tobytes()) for n, k, t in tensors])
+
+
+def write_gguf(path, meta: dict, tensors: list, version: int = 3):
+    """A GGUF file from metadata {key: value} and tensors [(name, type name, torch shape, raw bytes)], laid out
+    as the comment above the reader says (dims innermost first, data aligned to 32), written atomically.
+    Values: bool, int (u32, or i64 beyond it), float (f32), str, and lists of str or of int (i32)."""
+    def string(s):
+        b = s.encode("utf-8")
+        return struct.pack("<Q", len(b)) + b
+
+    def value(v):  # -> (type code, bytes)
+        if isinstance(v, bool):
+            return 7, struct.pack("<?", v)
+        if isinstance(v, int):
+            return (4, struct.pack("<I", v)) if 0 <= v < 2 ** 32 else (11, struct.pack("<q", v))
+        if isinstance(v, float):
+            return 6, struct.pack("<f", v)
+        if isinstance(v, str):
+            return GGUF_STRING, string(v)
+        if isinstance(v, (list, tuple)):
+            if all(isinstance(x, str) for x in v):
+                return GGUF_ARRAY, struct.pack("<IQ", GGUF_STRING, len(v)) + b"".join(string(x) for x in v)
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                return GGUF_ARRAY, struct.pack("<IQ", 5, len(v)) + struct.pack(f"<{len(v)}i", *v)
+        raise ValueError(f"cannot write GGUF metadata value {v!r:.60}")
+
+    codes = {name: code for code, name in GGML_TYPES.items()}
+    head = [GGUF_MAGIC, struct.pack("<IQQ", version, len(tensors), len(meta))]
+    for k, v in meta.items():
+        code, raw = value(v)
+        head += [string(k), struct.pack("<I", code), raw]
+    offset, blobs = 0, []
+    for name, kind, shape, raw in tensors:
+        head += [string(name), struct.pack("<I", len(shape)), struct.pack(f"<{len(shape)}Q", *reversed(shape)),
+                 struct.pack("<IQ", codes[kind], offset)]
+        pad = -len(raw) % 32
+        blobs.append(raw + b"\0" * pad)
+        offset += len(raw) + pad
+    header = b"".join(head)
+    header += b"\0" * (-len(header) % 32)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for b in blobs:
+                f.write(b)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, write)
+
+
 def _meta_shard_dim(name: str) -> Optional[int]:
     if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")):
         return 0
@@ -443,8 +751,8 @@ def save_peft(model: nn.Module, folder, base_model: str = "", readme: str = ""):
     for name, m in layers.items():
         A, B = m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()
         if moved:
-            B0, A0 = m.W0_shift
-            A, B = torch.cat([A, A0]), torch.cat([B, -B0], dim=1)  # s[B, −B0][A; A0] = s(B A − B0 A0)
+            shift_B, shift_A = m.W0_shift  # the init's (B, A) that W0 was moved by: W0 − s·shift_B shift_A
+            A, B = torch.cat([A, shift_A]), torch.cat([B, -shift_B], dim=1)  # s[B, −B'][A; A'] = s(B A − B' A')
         _, i, mod = name.split(".", 2)
         if mod == "attention.wq":
             B = hf_permute(B, n_heads)
@@ -541,8 +849,7 @@ def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: b
         else:
             state = torch_load(Path(state))
     cfg = state["config"]
-    lora_alpha = cfg.get("lora_alpha", cfg.get("alpha"))  # "alpha" in adapters written before the rename
-    layers = lora_layers(model) or add_lora(model, cfg["r"], lora_alpha, cfg["targets"], cfg["rslora"],
+    layers = lora_layers(model) or add_lora(model, cfg["r"], cfg["lora_alpha"], cfg["targets"], cfg["rslora"],
                                             dropout=dropout, freeze_A=freeze_A)
     if set(layers) != set(state["lora"]):
         missing, extra = sorted(set(layers) - set(state["lora"])), sorted(set(state["lora"]) - set(layers))
@@ -552,9 +859,8 @@ def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: b
     for n, m in layers.items():
         dev = m.lora_A.device
         if n in state.get("W0_shift", {}):
-            s = state["W0_shift"][n]
-            A0, B0 = s.get("A", s.get("A0")), s.get("B", s.get("B0"))  # "A0"/"B0" before the rename
-            m.init_(A0.to(dev), B0.to(dev), shift_W0=True)
+            shift = state["W0_shift"][n]  # the (B, A) the init moved W0 by (PiSSA, MiLoRA, LoRA-GA, CorDA)
+            m.init_(shift["A"].to(dev), shift["B"].to(dev), shift_W0=True)
         m.init_(state["lora"][n]["A"].to(dev), state["lora"][n]["B"].to(dev))
     return layers
 

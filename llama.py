@@ -1,20 +1,14 @@
 """
 A single-file LLaMA-2, read beside Meta's reference model.py and llama2.c's model.py,
 plus what this project needs and they lack: a key/value cache for decoding, hand-written LoRA
-layers, a sentencepiece tokenizer and a sampling CLI. For tiny models on a CPU, two layers also have a
+layers and a sentencepiece tokenizer. For tiny models on a CPU, two layers also have a
 faster form of the same math, chosen by size (fast_paths): attention written out for narrow heads, and a
 small LoRA layer folded into one matmul. In reading order: the model, generation, LoRA,
-the tokenizer, the CLI. The checkpoint formats (llama2.c .bin, Meta, Hugging Face, PEFT) live beside
-it in checkpoints.py, as llama2.c keeps export.py beside model.py.
-
-Sample from the real stories260K model:
-
-    python llama.py --checkpoint ../shared/data/stories260K/stories260K.bin \
-        --tokenizer ../shared/data/stories260K/tok512.model --prompt "Once upon a time" --temperature 0
+the tokenizer, the device and dtype helpers. The checkpoint formats (llama2.c .bin, Meta, Hugging Face,
+PEFT) live beside it in checkpoints.py, as llama2.c keeps export.py beside model.py, and the sampling
+command line in sample.py, as llama2.c's sample.py.
 """
-import argparse
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -48,12 +42,16 @@ class ModelArgs:
 MODELS = {
     "stories260K": ("stories260K/stories260K.bin", "stories260K/tok512.model"),        # width 64, 512-piece BPE
     "babyllama936K": ("babyllama936K/model5000.bin", "babyllama936K/tok105.model"),   # width 128, characters
+    # width 576, 30 blocks, byte-level BPE inside the GGUF file (a 4-bit copy, dequantized to fp32 when read)
+    "smollm2-135M": ("smollm2-135M/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135M/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 PRESETS = {
     "stories260K": ModelArgs(),
     "babyllama936K": ModelArgs(dim=128, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=105, hidden_dim=352,
                                max_seq_len=256),
+    "smollm2-135M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                              rope_theta=100000.0, max_seq_len=8192),
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, vocab_size=32000,
                            hidden_dim=None, multiple_of=256, max_seq_len=4096, tie_embeddings=False),
     "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=None, vocab_size=32000,
@@ -283,7 +281,10 @@ def sample(logits, temperature: float, top_p: Optional[float], generator=None):
     # logits (1, vocab) -> (1,) token id
     if temperature == 0.0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # the largest logit subtracted before dividing: a tiny temperature sends the others to −inf (probability
+    # 0), never to inf − inf = NaN; the limit is greedy decoding
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
         # nucleus: keep the smallest set of tokens whose mass reaches top_p
         p_sorted, idx = probs.sort(dim=-1, descending=True)
@@ -445,7 +446,7 @@ class Tokenizer:
     """A thin sentencepiece wrapper with Meta's interface."""
 
     def __init__(self, path):
-        import sentencepiece as spm
+        import sentencepiece as spm  # here, not at the top: the model itself runs without it
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer not found: {path} (expected a sentencepiece .model file)")
         self.sp = spm.SentencePieceProcessor()
@@ -472,7 +473,7 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# sampling CLI
+# devices and dtypes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -494,53 +495,3 @@ def resolve_device(name: str) -> str:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: only cpu and cuda are supported here")
     return name
-
-
-def main(argv=None):
-    data = Path(__file__).resolve().parent.parent / "shared" / "data"
-    p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face "
-                                "folder).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="stories260K", choices=sorted(MODELS),
-                   help=f"a real model by name, read from {data} (--checkpoint and --tokenizer override it)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file or folder (default: the --model's)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model file (default: the --model's)")
-    p.add_argument("--prompt", default="Once upon a time", help="text to continue (BOS is prepended)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the sampler")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype")
-    args = p.parse_args(argv)
-    try:
-        if args.max_new_tokens < 0 or not (math.isfinite(args.temperature) and args.temperature >= 0):
-            raise ValueError(f"--max-new-tokens and --temperature must be finite and >= 0, got "
-                             f"{args.max_new_tokens} and {args.temperature}")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-        from checkpoints import load_checkpoint  # the formats sit beside the model; only this CLI reads files
-        device = resolve_device(args.device)
-        checkpoint, tokenizer = (data / f for f in MODELS[args.model])
-        tok = Tokenizer(args.tokenizer or tokenizer)
-        model = load_checkpoint(args.checkpoint or checkpoint, device=device, dtype=DTYPES[args.dtype])
-        if tok.vocab_size != model.args.vocab_size:
-            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects {model.args.vocab_size}")
-        ids = tok.encode(args.prompt, bos=True)
-        if len(ids) >= model.args.max_seq_len:
-            raise ValueError(f"the prompt is {len(ids)} tokens and fills the model's context of "
-                             f"{model.args.max_seq_len}: nothing can be generated; shorten it")
-        gen = torch.Generator().manual_seed(args.seed)
-        x = torch.tensor([ids], device=device)
-        new = list(model.generate(x, args.max_new_tokens, args.temperature, args.top_p,
-                                  stop_ids=(tok.eos_id, tok.bos_id), generator=gen))
-        print(tok.decode(ids + new))
-        if len(new) < args.max_new_tokens and len(ids) + len(new) >= model.args.max_seq_len:
-            print(f"note: stopped after {len(new)} tokens at the model's context of {model.args.max_seq_len}",
-                  file=sys.stderr)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,8 @@ Read top to bottom beside theory.md; each section banner names the theory.md sec
 statistics (§4, Eq. 4) -> natural-gradient shift (§5, Eq. 5) -> bias and variance terms (§6, Eqs. 6-8)
 -> guidance matrix and its smallest eigenvectors (§7, Eqs. 9-10) -> the LoRA factors (§8, Eq. 11), with
 the attribution controls beside them (§12, Eqs. 17-18: another direction, scale or damping, or no step).
-Then the whitened subspace (§11), the peer initializations (§10) and the model-level driver.
+Then the model-level driver, initialize_da. The peers (§10) and the whitened subspace (§11) are in
+peers.py, which imports this file; this file imports nothing of the project.
 
 Torch layout throughout: W0 is (d_out, d_in), lora_A is (r, d_in), lora_B is (d_out, r).
 
@@ -40,11 +41,16 @@ from typing import Callable
 import torch
 
 
+# the settings with a fixed set of values, and those values: the one table (train.py's --help reads it)
+CHOICES = {"token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg"), "direction": ("da", "random", "gradient"),
+           "a_scale": ("da", "lora")}
+
+
 @dataclass
 class DAConfig:
-    """Every initialization's settings, in one place; the defaults are the authors' released runs
-    (LoRA-DA: conf/lora_da.yaml; the peers: ../shared/paper/peer-recipes.md). train.py builds its
-    command line from these defaults, so they are stated nowhere else."""
+    """LoRA-DA's settings; the defaults are the authors' released runs (conf/lora_da.yaml). train.py
+    builds its command line from these defaults, so they are stated nowhere else (the peers' own settings
+    are peers.PeerConfig)."""
     # LoRA-DA (theory.md §6-8)
     alpha: float = 1.0           # α: weight of the bias term
     beta: float = 0.03           # β: weight of the variance term (the theory says 1; 0.03 is tuned for LLMs)
@@ -64,18 +70,11 @@ class DAConfig:
     stats_batch_size: int = 16   # samples per forward pass; 1 is the explicit per-sample loop (same numbers)
     layers_per_pass: int = 0     # transformer blocks per statistics pass (bounds memory on 7B); 0: all
     seed: int = 9                # seeds every randomized start (LoRA, Gaussian, LOBPCG), per layer
-    # the peers (theory.md §10), as their authors released them
-    ga_gamma: float = 16.0       # LoRA-GA's γ (reproduce/conf/init/gradient.yaml)
-    ga_samples: int = 8          # LoRA-GA's gradient samples (reproduce config: bsz 1 × 8 iters)
-    one_gamma: float = 128.0     # LoRA-One's γ
-    one_samples: int = 8         # LoRA-One's gradient samples
-    eva_token_mask: str = "labels"  # EVA's inputs: PEFT's default use_label_mask (the scored positions), or "all"
-    eva_rho: float = 2.0         # EVA's ρ: components per layer offered to the rank redistribution (reported)
 
     def __post_init__(self):
         """The one place these settings are checked (train.py's command line reports the same errors with
         the flag's name); the functions below trust a DAConfig."""
-        for name in ("alpha", "beta", "gamma", "damping", "ga_gamma", "one_gamma", "eva_rho", "relative_damping"):
+        for name in ("alpha", "beta", "gamma", "damping", "relative_damping"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise SettingError(name, f"must be a finite number, got {v}")
@@ -84,17 +83,15 @@ class DAConfig:
                 raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.alpha == 0 and self.beta == 0:
             raise SettingError("beta", "must be > 0 when alpha is 0 (not both zero: nothing left to minimize)")
-        for name in ("gamma", "damping", "ga_gamma", "one_gamma", "eva_rho"):
+        for name in ("gamma", "damping"):
             if not getattr(self, name) > 0:
                 raise SettingError(name, f"must be > 0, got {getattr(self, name)}")
-        lowest = {"N": 0, "stats_batch_size": 1, "ga_samples": 1, "one_samples": 1, "layers_per_pass": 0}
+        lowest = {"N": 0, "stats_batch_size": 1, "layers_per_pass": 0}
         for name, lo in lowest.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise SettingError(name, f"must be an integer >= {lo}, got {v}")
-        for name, allowed in (("token_mask", ("all", "labels")), ("eva_token_mask", ("all", "labels")),
-                              ("solver", ("eigh", "lobpcg")), ("direction", ("da", "random", "gradient")),
-                              ("a_scale", ("da", "lora"))):
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise SettingError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
@@ -176,6 +173,26 @@ def counted_tokens(batch: dict, token_mask: str, bsz: int, T: int, device) -> to
     return torch.ones(bsz, T, dtype=torch.bool, device=device)
 
 
+def shared_input_owners(io: dict, names: list) -> dict:
+    """Layers fed the very same input tensor (wq/wk/wv, w1/w3) share one input statistic: each layer's name ->
+    the first of them, whose running sum is the one kept (read off the first batch's recorded inputs)."""
+    seen = {}
+    return {name: seen.setdefault(id(io[name][0]), name) for name in names}
+
+
+def reduce_sums(reduce: Callable, n_samples: int, n_tokens: int, sums: list, device) -> tuple:
+    """Over several processes, each with its share of the samples: sum the two counts and every running sum
+    across them, in place and in the given order (the same on every process). The sums are what add up, so
+    every process ends with the statistics of all the samples. Returns the total (n_samples, n_tokens)."""
+    if reduce is None:
+        return n_samples, n_tokens
+    counts = torch.tensor([n_samples, n_tokens], dtype=torch.float64, device=device)
+    reduce(counts)
+    for t in sums:
+        reduce(t)
+    return int(counts[0]), int(counts[1])
+
+
 @dataclass
 class Statistics:
     """Per target layer: G (d_out, d_in); Z (d_in, d_in), one shared tensor for layers with one input;
@@ -221,10 +238,7 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
                 raise ValueError(f"non-finite loss on samples {sorted(ids)}")
             # g_l = ∂(Σ_i L_i)/∂h_l for every target layer l: one backward for the whole batch
             grads = torch.autograd.grad(losses.sum(), [io[name][1] for name in names])
-            if not z_owner:  # layers fed the very same input tensor (wq/wk/wv, w1/w3) share Z
-                seen = {}
-                for name in names:
-                    z_owner[name] = seen.setdefault(id(io[name][0]), name)
+            z_owner = z_owner or shared_input_owners(io, names)  # wq/wk/wv and w1/w3 share one Z
             for name, g in zip(names, grads):
                 d_out, d_in = shape[name]
                 x = io[name][0].detach().float().reshape(bsz, -1, d_in)  # (bsz, T, d_in)
@@ -249,17 +263,11 @@ def kfac_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, ba
                 # Y += Σ_t g_t g_tᵀ (or its diagonal Σ_t g_t²)
                 Y[name].add_(gm.T @ gm if y_full else (gm * gm).sum(0))
             io.clear()
-    n_samples = len(samples)
-    if reduce is not None:  # Σ over the processes' shares: counts, G, and the factors (in a fixed order)
-        counts = torch.tensor([n_samples, n_tokens], dtype=torch.float64, device=device)
-        reduce(counts)
-        n_samples, n_tokens = int(counts[0]), int(counts[1])
-        for name in names:  # the same layers, in the same order, on every process
-            reduce(G[name])
-            if factors:
-                if z_owner[name] == name:
-                    reduce(Z[name])
-                reduce(Y[name])
+    # Σ over the processes' shares: counts, G, and the factors, layer by layer in the same order everywhere
+    sums = []
+    for name in names:
+        sums += [G[name]] + ([Z[name]] if factors and z_owner[name] == name else []) + ([Y[name]] if factors else [])
+    n_samples, n_tokens = reduce_sums(reduce, len(samples), n_tokens, sums, device)
     # sums -> means, in place: a second copy of every factor would double the pass's peak memory
     stats = Statistics(G={k: v.div_(n_samples) for k, v in G.items()}, n_tokens=n_tokens)
     if factors:
@@ -402,12 +410,18 @@ def guidance_matrix(dW, Zinv, c, alpha, beta):
     return M.add_(M.T.contiguous()).div_(2)       # symmetric, in place: at d_in = 11,008 each copy is 0.9 GiB
 
 
-def canonical_signs(V):
-    """Flip each column so its largest-|.| entry is positive: eigenvectors are defined up to sign."""
+def largest_entry_signs(V):
+    """±1 per column of V: the sign of its largest-|.| entry (+1 where that entry is 0). The one sign rule:
+    eigenvectors and singular pairs are defined up to sign, and this fixes it."""
     idx = V.abs().argmax(dim=0)
     s = torch.sign(V[idx, torch.arange(V.shape[1])])
     s[s == 0] = 1
-    return V * s
+    return s
+
+
+def canonical_signs(V):
+    """Flip each column so its largest-|.| entry is positive."""
+    return V * largest_entry_signs(V)
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -447,6 +461,21 @@ def dampings(Z, Y, cfg: DAConfig):
     k = cfg.relative_damping
     Yd = Y if Y.dim() == 1 else Y.diagonal()
     return k * Z.double().diagonal().mean().item(), k * Yd.double().mean().item()
+
+
+def lora_init(d_out, d_in, r, generator):
+    """LoRA (Hu et al. 2021; PEFT default): A ~ Kaiming-uniform(a=√5) = U(−1/√d_in, 1/√d_in), B = 0.
+    Here because §12's random control takes LoRA's own A for its direction."""
+    A = (torch.rand(r, d_in, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
+    return A.float(), torch.zeros(d_out, r)
+
+
+def svd_canonical(W):
+    """Full SVD in fp64 with each singular pair's sign fixed (largest-|.| entry of u positive): §12's gradient
+    control, and the peers' SVDs (peers.py)."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    s = largest_entry_signs(U)
+    return U * s, S, Vh * s[:, None]
 
 
 def control_direction(direction, G, r, seed=0):
@@ -521,235 +550,6 @@ def lora_da_factors(G, Z, Y, r, cfg: DAConfig, *, seed=0):
 
 
 # =============================================================================
-# theory.md §11, Eq. 16. The subspace the excess risk prescribes: LoRA-DA's scale and step, another direction
-# =============================================================================
-
-def inverse_sqrt(S, damping):
-    """(S + λI)^(-1/2) of a symmetric positive semi-definite factor, in fp64 (a vector: its diagonal)."""
-    S = S.double()
-    if S.dim() == 1:
-        return (S + damping).rsqrt()
-    evals, V = torch.linalg.eigh((S + S.T) / 2)
-    return (V * (evals.clamp_min(0) + damping).rsqrt()) @ V.T
-
-
-def whitened_gradient_subspace(G, Z, Y, r, damping):
-    r"""Eq. 16: the rows of A that minimize the excess-risk bias of LoRA-FA span $Z^{-1/2} V_r$, with $V_r$ the
-    top-r right singular vectors of the Fisher-whitened gradient $Y^{-1/2} G Z^{-1/2}$. Returns A0 (d_in, r),
-    orthonormal: the same subspace, in the form LoRA-DA's factors take (Eq. 11). damping: λ, or (λ_Z, λ_Y)."""
-    lam_z, lam_y = damping if isinstance(damping, tuple) else (damping, damping)
-    Zih, Yih = inverse_sqrt(Z, lam_z), inverse_sqrt(Y, lam_y)
-    # M = Y^(-1/2) G Z^(-1/2)   (= −Y^(1/2) ΔW Z^(1/2) in the linear-Gaussian model)
-    M = (Yih[:, None] * G.double() if Yih.dim() == 1 else Yih @ G.double()) @ Zih
-    V_r = torch.linalg.svd(M, full_matrices=False)[2][:r].T          # (d_in, r)
-    A0, _ = torch.linalg.qr(Zih @ V_r)                                 # span Z^(-1/2) V_r, orthonormal
-    return canonical_signs(A0)
-
-
-def whitened_solve(G, Z, Y, r, cfg: DAConfig, *, name=""):
-    """LoRA-DA's factors (Eq. 11: ΔW normalized as configured, lora_A = A0ᵀ/√γ, lora_B = ΔW A0/√γ) on the
-    whitened-gradient subspace (Eq. 16) instead of Eq. 10's: only the direction of A differs."""
-    _check_inputs(G, Z, Y, name)
-    lam_z, lam_y = dampings(Z, Y, cfg)
-    dW = natural_gradient(G, Z, Y, lam_y, name, Lz=damped_cholesky(Z, lam_z, "Z", name))
-    sigma = torch.linalg.matrix_norm(dW, ord=2).item()
-    if cfg.normalize and sigma > 0:
-        dW = dW / sigma
-    A0 = whitened_gradient_subspace(G, Z, Y, r, (lam_z, lam_y))
-    lora_A, lora_B = A0.T / math.sqrt(cfg.gamma), dW @ A0 / math.sqrt(cfg.gamma)
-    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-        raise ValueError(f"non-finite factor{' in layer ' + name if name else ''}; raise the damping")
-    return {"lora_A": lora_A.float(), "lora_B": lora_B.float(), "A0": A0, "sigma": sigma}
-
-
-# =============================================================================
-# theory.md §10. The peer initializations, each as its authors released it (../shared/paper/peer-recipes.md)
-# =============================================================================
-
-def svd_canonical(W):
-    """Full SVD in fp64 with each singular pair's sign fixed (largest-|.| entry of u positive)."""
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    idx = U.abs().argmax(dim=0)
-    s = torch.sign(U[idx, torch.arange(U.shape[1])])
-    s[s == 0] = 1
-    return U * s, S, Vh * s[:, None]
-
-
-def lora_init(d_out, d_in, r, generator):
-    """LoRA (Hu et al. 2021; PEFT default): A ~ Kaiming-uniform(a=√5) = U(−1/√d_in, 1/√d_in), B = 0."""
-    A = (torch.rand(r, d_in, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
-    return A.float(), torch.zeros(d_out, r)
-
-
-def gaussian_init(d_out, d_in, r, generator):
-    """PEFT's "gaussian": A ~ N(0, (1/r)²), B = 0."""
-    return (torch.randn(r, d_in, generator=generator, dtype=torch.float64) / r).float(), torch.zeros(d_out, r)
-
-
-def pissa_init(W0, r, scaling):
-    """PiSSA (Meng et al. 2024): W0 = U S Vᵀ; A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s), so s·B A is the best
-    rank-r part of W0, which is then subtracted from W0 (W0 <- W0 − s·B A)."""
-    U, S, Vh = svd_canonical(W0)
-    root = (S[:r] / scaling).sqrt()
-    return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()
-
-
-def lora_ga_init(G, r, gamma):
-    """LoRA-GA (Wang et al. 2024, official code): G = U S Vᵀ; A = top-r right singular vectors,
-    B = the next r left singular vectors, both × d_out^¼/√γ; then W0 <- W0 − s·B A."""
-    d_out, d_in = G.shape
-    if 2 * r > min(d_out, d_in):
-        raise ValueError(f"LoRA-GA needs 2r <= min(d_out, d_in) = {min(d_out, d_in)}, got r={r}")
-    U, S, Vh = svd_canonical(G)
-    c = d_out ** 0.25 / math.sqrt(gamma)
-    return (Vh[:r] * c).float(), (U[:, r:2 * r] * c).float()
-
-
-def lora_one_init(G, r, gamma):
-    """LoRA-One (Zhang et al. 2025): −G = U S Vᵀ; B = U_r √S_r/√(σ1 γ), A = √S_r V_rᵀ/√(σ1 γ), so
-    B A = (−G)_r/(σ1 γ): one normalized gradient step. W0 is unchanged."""
-    U, S, Vh = svd_canonical(-G)
-    if S[0] == 0:
-        raise ValueError("LoRA-One: the gradient is zero")
-    root = S[:r].sqrt() / math.sqrt(S[0].item() * gamma)
-    return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()
-
-
-def milora_init(W0, r, scaling):
-    """MiLoRA (Wang et al. 2024, sufenlp/MiLoRA svd_init.py, mode "min"): W0 = U S Vᵀ; A = √(S/s) Vᵀ and
-    B = U √(S/s) over the r *smallest* triplets, then W0 <- W0 − s·B A. The opposite end of PiSSA's
-    spectrum: the adapter starts in the directions the pretrained weight uses least, and the step-0 output
-    is the base model's."""
-    if r > min(W0.shape):
-        raise ValueError(f"MiLoRA needs r <= min(d_out, d_in) = {min(W0.shape)}, got r={r}")
-    U, S, Vh = svd_canonical(W0)
-    root = (S[-r:] / scaling).sqrt()
-    return (root[:, None] * Vh[-r:]).float(), (U[:, -r:] * root).float()
-
-
-def corda_damped(C, start=0.01, tol=0.05, max_doublings=60):
-    """CorDA's damping (peft corda.py collect_eigens_for_layer): C + λ·mean(diag C)·I, λ from 0.01 doubled
-    until ‖C_λ C_λ⁻¹ − I‖_F < 0.05, i.e. until the inverse is trustworthy. In fp64 the first λ passes
-    for any covariance of these models; the loop is kept because it is the recipe."""
-    C = C.double()
-    scale = C.diagonal().mean()
-    if not scale > 0:
-        raise ValueError("CorDA: the input covariance is zero (no counted tokens reached this layer?)")
-    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-    lam = start
-    for _ in range(max_doublings):
-        Cf = C + lam * scale * eye
-        Cinv = torch.linalg.inv(Cf)
-        if torch.linalg.matrix_norm(Cf @ Cinv - eye) < tol:
-            return Cf, Cinv, lam
-        lam *= 2
-    raise ValueError(f"CorDA: covariance not invertible after damping {lam:g}·mean(diag C)")
-
-
-def corda_init(W0, C, r, scaling):
-    """CorDA IPM (Yang et al. 2024, peft corda_init): W0 C = U S Vᵀ with C the damped input covariance;
-    A = √(S_r/s) (Vᵀ C⁻¹)_r, B = U_r √(S_r/s), then W0 <- W0 − s·B A = W0 − U_r S_r V_rᵀ C⁻¹. The rank-r part
-    is chosen by how much output it makes on the task's inputs (W0 C), not by W0 alone as PiSSA does:
-    (W0 − s·B A)·C is the best rank-r residual of W0 C (Eckart–Young). Returns (A, B, λ)."""
-    if r > min(W0.shape):
-        raise ValueError(f"CorDA needs r <= min(d_out, d_in) = {min(W0.shape)}, got r={r}")
-    Cf, Cinv, lam = corda_damped(C)
-    U, S, Vh = svd_canonical(W0.double() @ Cf)
-    root = (S[:r] / scaling).sqrt()
-    return (root[:, None] * (Vh[:r] @ Cinv)).float(), (U[:, :r] * root).float(), lam
-
-
-def eva_init(mean, cov, r):
-    """EVA (Paischer et al. 2024, peft eva.py): A = the top-r principal directions of the layer inputs
-    (rows, unit norm: whiten=False), B = 0, W0 kept. PEFT runs an incremental PCA over batches until the
-    components settle; this is the exact PCA of the same centred covariance, the limit it converges to.
-    mean (d_in,), cov (d_in, d_in) = E[x xᵀ] − mean meanᵀ. Returns (A, explained-variance ratios); B is 0."""
-    if r > cov.shape[0]:
-        raise ValueError(f"EVA needs r <= d_in = {cov.shape[0]}, got r={r}")
-    evals, evecs = torch.linalg.eigh(cov.double())
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)           # descending
-    V = canonical_signs(evecs[:, :r])                                   # (d_in, r), largest-|.| entry positive
-    ratio = evals / evals.sum().clamp_min(torch.finfo(evals.dtype).tiny)
-    return V.T.float(), ratio
-
-
-def eva_ranks(ratios: dict, r: int, rho: float = 2.0) -> dict:
-    """EVA's rank redistribution (peft eva.py): pool every layer's top round(ρ·r) explained-variance ratios,
-    keep the globally largest r·(number of layers), and give each layer as many as it holds. Reported only:
-    the init keeps r per layer (every method here trains the same adapter shapes, so a difference in
-    accuracy cannot come from where the parameters went)."""
-    k = max(1, round(rho * r))
-    pool = sorted(((float(v), name) for name, q in ratios.items() for v in q[:k]), reverse=True)
-    keep = pool[:r * len(ratios)]
-    counts = {name: 0 for name in ratios}
-    for _, name in keep:
-        counts[name] += 1
-    return counts
-
-
-def input_statistics(model, samples: list, loss_fn: Callable, layers: dict, *, batch_size: int = 16,
-                     token_mask: str = "all", reduce: Callable = None) -> dict:
-    """Forward-only statistics of each target layer's inputs x, for the activation-based peers (no
-    gradient: they never look at the loss, only at what flows into W0). Per layer:
-      C    = (1/n_samples) Σ_s X_sᵀX_s with X_s = x_s/|max x_s|, each sample scaled by its own largest entry
-             (CorDA's per-sample normalization; its hook takes the signed max, then the absolute value);
-      mean = E_t[x], cov = E_t[x xᵀ] − mean meanᵀ over counted tokens (EVA's centred PCA).
-    token_mask as in counted_tokens ("labels": the positions whose outputs the loss scores)."""
-    if len(samples) == 0:
-        raise ValueError("empty sample set: an activation-based init needs at least one target sample")
-    device = next(model.parameters()).device
-    names = list(layers)
-    C, S1, S2, owner = {}, {}, {}, {}
-    n_tokens = 0
-    order = length_order(samples)
-    with torch.no_grad(), recording(model, layers) as io:
-        for start in range(0, len(samples), batch_size):
-            chunk = [samples[i] for i in order[start:start + batch_size]]
-            batch, bsz = collate(chunk), len(chunk)
-            loss_fn(model, {k: v.to(device) for k, v in batch.items()})   # the forward pass fills io
-            if not owner:
-                seen = {}
-                for name in names:
-                    owner[name] = seen.setdefault(id(io[name][0]), name)
-            for name in names:
-                if owner[name] != name:
-                    continue
-                d_in = weight_of(layers[name]).shape[1]
-                x = io[name][0].detach().double().reshape(bsz, -1, d_in)
-                if not torch.isfinite(x).all():
-                    raise ValueError(f"non-finite input of layer {name}")
-                attended = counted_tokens(batch, "all", bsz, x.shape[1], device)
-                peak = x.masked_fill(~attended[..., None], -math.inf).amax(dim=(1, 2)).abs()   # (bsz,)
-                if not (peak > 0).all():
-                    raise ValueError(f"CorDA: a sample's largest input to layer {name} is 0")
-                X = (x / peak[:, None, None])[attended]
-                C[name] = C.get(name, 0) + X.T @ X
-                xm = x[counted_tokens(batch, token_mask, bsz, x.shape[1], device)]
-                S1[name] = S1.get(name, 0) + xm.sum(0)
-                S2[name] = S2.get(name, 0) + xm.T @ xm
-                if name == names[0]:
-                    n_tokens += xm.shape[0]
-            io.clear()
-    n_samples = len(samples)
-    if reduce is not None:
-        counts = torch.tensor([n_samples, n_tokens], dtype=torch.float64, device=device)
-        reduce(counts)
-        n_samples, n_tokens = int(counts[0]), int(counts[1])
-        for name in names:
-            if owner[name] == name:
-                for t in (C[name], S1[name], S2[name]):
-                    reduce(t)
-    if n_tokens == 0:
-        raise ValueError("no counted tokens: every token was masked out (check token_mask and the masks)")
-    out = {}
-    for name in names:
-        o = owner[name]
-        mean = S1[o] / n_tokens
-        out[name] = {"C": C[o] / n_samples, "mean": mean, "cov": S2[o] / n_tokens - torch.outer(mean, mean)}
-    return out
-
-
-# =============================================================================
 # Initializing a model: statistics and solve for every LoRA layer (not in theory.md: plumbing)
 # =============================================================================
 
@@ -808,123 +608,80 @@ def sequence_losses(logits, targets):
     return ce.sum(1) / (targets != -100).sum(1).clamp_min(1)
 
 
-METHODS = ("lora", "gaussian", "pissa", "milora", "ga", "one", "corda", "eva", "da", "whitened")
-DATA_AWARE = ("ga", "one", "corda", "eva", "da", "whitened")  # the methods that need target samples
-ACTIVATION_BASED = ("corda", "eva")  # data-aware from the layer inputs alone (a forward pass, no gradient)
-SAMPLES_USED = {"ga": "ga_samples", "one": "one_samples"}  # the peers' own sample counts; LoRA-DA uses all
-
-
-def initialize(model, method: str, samples: list = None, loss_fn: Callable = causal_lm_losses,
-               cfg: DAConfig = None, log: Callable = None, shard=(0, 1), reduce: Callable = None,
-               stage: Callable = None) -> dict:
-    """Write the chosen initialization into every LoRA layer of `model`; returns a report.
-    All factors are computed first and written last, so an error leaves the model untouched.
-    shard (rank, world) and reduce: over several processes, each takes every world-th sample of those the
-    method uses and the statistics are summed across them (kfac_statistics); every process then solves
-    the same problem, seeded per layer, so all end with the same factors.
-    stage(name): called as each stage ("statistics", "solve") begins and with None at the end, so that a
-    caller can measure each stage's peak memory (train.py's PeakMemory)."""
-    cfg = cfg or DAConfig()
-    log = log or (lambda *a: None)
-    stage = stage or (lambda name: None)
-    layers = lora_targets(model)
-    if not layers:
-        raise ValueError("model has no LoRA layers: call llama.add_lora(model, ...) first")
-    if method not in METHODS:
-        raise ValueError(f"unknown init {method!r}; choose from {', '.join(METHODS)}")
-    if method in DATA_AWARE and not samples:
-        raise ValueError(f"init {method!r} needs target samples; got an empty sample set")
-    t0 = time.perf_counter()
-    report = {"method": method, "seconds": {}, "layers": {}}
-    factors = {}  # name -> (A, B, shift_W0)
-
-    if method in ("lora", "gaussian", "pissa", "milora"):
-        for name, m in layers.items():
-            d_out, d_in = weight_of(m).shape
-            gen = torch.Generator().manual_seed(layer_seed(cfg.seed, name))
-            if method in ("pissa", "milora"):
-                A, B = (pissa_init if method == "pissa" else milora_init)(weight_of(m).detach().float(), m.r, m.scaling)
-                factors[name] = (A, B, True)
-            else:
-                A, B = (lora_init if method == "lora" else gaussian_init)(d_out, d_in, m.r, gen)
-                factors[name] = (A, B, False)
-        report["seconds"]["solve"] = time.perf_counter() - t0
-
-    elif method in ACTIVATION_BASED:  # CorDA, EVA: one forward pass over the samples, then one SVD per layer
-        report["samples"] = len(samples)
-        if len(samples) < shard[1]:
-            raise ValueError(f"{len(samples)} samples for {method} cannot be shared by {shard[1]} processes")
-        stage("statistics")
-        stats = input_statistics(model, samples[shard[0]::shard[1]], loss_fn, layers,
-                                 batch_size=cfg.stats_batch_size,
-                                 token_mask=cfg.eva_token_mask if method == "eva" else "all", reduce=reduce)
+def solve_in_passes(model, layers: dict, samples: list, loss_fn: Callable, cfg: DAConfig, solve: Callable, *,
+                    factors: bool = True, label: str = "da", report: dict, log: Callable, shard=(0, 1),
+                    reduce: Callable = None, stage: Callable) -> dict:
+    """The statistics (Eq. 4) and a per-layer solve, one group of cfg.layers_per_pass transformer blocks at a
+    time, so that only one group's G, Z, Y are held (bounded memory on 7B). solve(name, layer, stats) ->
+    (A, B, shift_W0). factors: whether Z and Y are needed (False: G alone, as LoRA-GA and LoRA-One). Times
+    each stage into report["seconds"]; returns {name: (A, B, shift_W0)}, nothing written yet."""
+    report["seconds"].update(statistics=0.0, solve=0.0)
+    report["samples"] = len(samples)
+    if len(samples) < shard[1]:
+        raise ValueError(f"{len(samples)} samples for {label} cannot be shared by {shard[1]} processes")
+    out = {}
+    groups = layer_groups(list(layers), cfg.layers_per_pass)
+    for gi, names in enumerate(groups):
         t1 = time.perf_counter()
-        report["seconds"]["statistics"] = t1 - t0
+        stage("statistics")
+        stats = kfac_statistics(model, samples[shard[0]::shard[1]], loss_fn, {name: layers[name] for name in names},
+                                batch_size=cfg.stats_batch_size, token_mask=cfg.token_mask, y_full=cfg.y_full,
+                                factors=factors, reduce=reduce)
+        t2 = time.perf_counter()
+        report["seconds"]["statistics"] += t2 - t1
         stage("solve")
-        ratios = {}
-        for name, m in layers.items():
-            W0, st = weight_of(m).detach(), stats[name]
-            if method == "corda":
-                A, B, lam = corda_init(W0.to(st["C"].device), st["C"], m.r, m.scaling)
-                factors[name] = (A.cpu(), B.cpu(), True)
-                report["layers"][name] = {"damping": lam}
-            else:
-                A, ratios[name] = eva_init(st["mean"], st["cov"], m.r)
-                factors[name] = (A.cpu(), torch.zeros(W0.shape[0], m.r), False)
-                report["layers"][name] = {"explained": ratios[name][:m.r].sum().item()}
-        if method == "eva":
-            report["eva_ranks"] = eva_ranks(ratios, next(iter(layers.values())).r, cfg.eva_rho)
-        report["seconds"]["solve"] = time.perf_counter() - t1
-        log(f"{method} init: {len(layers)} layers, {len(samples)} samples, {time.perf_counter() - t0:.1f}s")
+        for name in names:
+            out[name] = solve(name, layers[name], stats)
+        report["seconds"]["solve"] += time.perf_counter() - t2
+        log(f"{label} init, pass {gi + 1}/{len(groups)}: {len(names)} layers, {len(samples)} samples, "
+            f"{time.perf_counter() - t1:.1f}s")
+        del stats
+    return out
 
-    else:  # data-aware: statistics and solve, one group of transformer blocks at a time (bounded memory)
-        report["seconds"].update(statistics=0.0, solve=0.0)
-        used = samples[:getattr(cfg, SAMPLES_USED[method])] if method in SAMPLES_USED else samples
-        report["samples"] = len(used)
-        if len(used) < shard[1]:
-            raise ValueError(f"{len(used)} samples for {method} cannot be shared by {shard[1]} processes")
-        groups = layer_groups(list(layers), cfg.layers_per_pass)
-        for gi, names in enumerate(groups):
-            t1 = time.perf_counter()
-            group = {name: layers[name] for name in names}
-            stage("statistics")
-            stats = kfac_statistics(model, used[shard[0]::shard[1]], loss_fn, group, batch_size=cfg.stats_batch_size,
-                                    token_mask=cfg.token_mask, y_full=cfg.y_full, factors=method in ("da", "whitened"),
-                                    reduce=reduce)
-            t2 = time.perf_counter()
-            report["seconds"]["statistics"] += t2 - t1
-            stage("solve")
-            for name in names:
-                m, G = layers[name], stats.G[name]
-                if method == "ga":    # W0 <- W0 − s·B A: the output is unchanged at step 0
-                    factors[name] = (*lora_ga_init(G.cpu(), m.r, cfg.ga_gamma), True)
-                elif method == "one":
-                    factors[name] = (*lora_one_init(G.cpu(), m.r, cfg.one_gamma), False)
-                elif method == "whitened":
-                    out = whitened_solve(G, stats.Z[name], stats.Y[name], m.r, cfg, name=name)
-                    factors[name] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
-                else:
-                    out = lora_da_solve(G, stats.Z[name], stats.Y[name], m.r, cfg, seed=layer_seed(cfg.seed, name),
-                                        name=name)
-                    factors[name] = (out["lora_A"].cpu(), out["lora_B"].cpu(), False)
-                    Yd = stats.Y[name] if stats.Y[name].dim() == 1 else stats.Y[name].diagonal()
-                    report["layers"][name] = {"sigma": out["sigma"], "dW_fro": out["dW_fro"],
-                                              "G_fro": torch.linalg.matrix_norm(G.float()).item(),
-                                              "W0_fro": torch.linalg.matrix_norm(weight_of(m).float()).item(),
-                                              "bias": out["bias"],
-                                              "variance": out["variance"], "Y_median": Yd.median().item(),
-                                              "damping": out["damping"][0], "damping_Y": out["damping"][1],
-                                              "solver": out["solver"]}
-            report["seconds"]["solve"] += time.perf_counter() - t2
-            log(f"{method} init, pass {gi + 1}/{len(groups)}: {len(names)} layers, {len(used)} samples, "
-                f"{time.perf_counter() - t1:.1f}s")
-            del stats
 
-    stage(None)
+def write_factors(layers: dict, factors: dict, report: dict, t0: float):
+    """Write every layer's (A, B), shifting W0 by −s·B A where the init asks (shift_W0); the last step, so that
+    an error in any layer's solve leaves the model untouched."""
     t3 = time.perf_counter()
     for name, (A, B, shift) in factors.items():
         m = layers[name]
         m.init_(A.to(m.lora_A.device), B.to(m.lora_B.device), shift_W0=shift)
     report["seconds"]["write"] = time.perf_counter() - t3
     report["seconds"]["total"] = time.perf_counter() - t0
+
+
+def initialize_da(model, samples: list, loss_fn: Callable = causal_lm_losses, cfg: DAConfig = None,
+                  log: Callable = None, shard=(0, 1), reduce: Callable = None, stage: Callable = None) -> dict:
+    """LoRA-DA on every LoRA layer of `model` (Eqs. 4-11, or a §12 control): statistics from the target
+    samples, the solve per layer (each seeded by its name), then the factors written; returns a report with
+    each layer's σ, ‖ΔW‖, bias and variance. shard (rank, world) and reduce: over several processes, each
+    takes every world-th sample and the statistics are summed across them (kfac_statistics); every process
+    then solves the same problem, so all end with the same factors. stage(name): called as each stage
+    ("statistics", "solve") begins and with None at the end (train.py measures each stage's peak memory)."""
+    cfg = cfg or DAConfig()
+    log = log or (lambda *a: None)
+    stage = stage or (lambda name: None)
+    layers = lora_targets(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers: call llama.add_lora(model, ...) first")
+    if not samples:
+        raise ValueError("init 'da' needs target samples; got an empty sample set")
+    t0 = time.perf_counter()
+    report = {"method": "da", "seconds": {}, "layers": {}}
+
+    def solve(name, m, stats):
+        G, Y = stats.G[name], stats.Y[name]
+        out = lora_da_solve(G, stats.Z[name], Y, m.r, cfg, seed=layer_seed(cfg.seed, name), name=name)
+        Yd = Y if Y.dim() == 1 else Y.diagonal()
+        report["layers"][name] = {"sigma": out["sigma"], "dW_fro": out["dW_fro"],
+                                  "G_fro": torch.linalg.matrix_norm(G.float()).item(),
+                                  "W0_fro": torch.linalg.matrix_norm(weight_of(m).float()).item(),
+                                  "bias": out["bias"], "variance": out["variance"], "Y_median": Yd.median().item(),
+                                  "damping": out["damping"][0], "damping_Y": out["damping"][1],
+                                  "solver": out["solver"]}
+        return out["lora_A"].cpu(), out["lora_B"].cpu(), False
+    factors = solve_in_passes(model, layers, samples, loss_fn, cfg, solve, report=report, log=log, shard=shard,
+                              reduce=reduce, stage=stage)
+    stage(None)
+    write_factors(layers, factors, report, t0)
     return report

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+import lora_da as L
+
 
 def random_orthonormal(d, r, gen):
     Q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
@@ -260,7 +262,6 @@ def estimated_subspace_risks(P, n_stats, N, repeats, r=2, beta=1.0, seed=0):
     subspaces chosen from statistics *estimated* on n_stats target samples drawn at W0, over `repeats`
     independent draws: {"LoRA-DA", "bias-only (β=0)", "gradient-SVD"} -> (repeats,) risks. The oracle tests
     use the true statistics, where LoRA-DA is optimal by construction; here it must earn it."""
-    import lora_da as L
     d_in = P.W0.shape[1]
     n = N - d_in - 1                                   # finite-N correction (Eq. 13)
     gen = torch.Generator().manual_seed(seed)

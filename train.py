@@ -13,27 +13,27 @@ Reads the real data from --data-dir, $LORA_DA_DATA, ./data or ../shared/data (se
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
+import bpe
 import checkpoints
 import llama
 import lora_da
+import peers
+from memory import PeakMemory, dry_run
+from plots import compare, plot_loss
+from tasks import SST2_PROMPTS, TASK_FILES, Task, UsageError, accuracy, evaluate, find_data, read_init_data
 
-ROOT = Path(__file__).resolve().parent
-DA = lora_da.DAConfig()  # the initialization defaults
+DA, PEER = lora_da.DAConfig(), peers.PeerConfig()  # the initialization defaults
 
 # -----------------------------------------------------------------------------
 # settings: one grouped block of defaults; argparse is built from it, so `python train.py --init da` just works.
@@ -41,21 +41,25 @@ DA = lora_da.DAConfig()  # the initialization defaults
 
 SETTINGS = {
     "method": {
-        "init": ("da", "initialization(s): " + ", ".join(lora_da.METHODS) + "; a comma list, or all"),
+        "init": ("da", "initialization(s): " + ", ".join(peers.METHODS) + "; a comma list, or all"),
         "seeds": (1, "run each method with this many seeds (seed, seed+1, ...) and write compare.md"),
         "seed": (9, "random seed (the authors' runs use 9)"),
     },
     "model": {
         "model": ("stories260K", "a real pretrained model by name, read from the data folder: stories260K (width 64, "
-                                 "BPE) or babyllama936K (width 128, characters)"),
+                                 "BPE), babyllama936K (width 128, characters) or smollm2-135M (width 576, 30 blocks, "
+                                 "GGUF, reads English)"),
         "checkpoint": (None, "llama2.c .bin, Meta or HF folder, or a preset (llama2-7b) for --dry-run; "
                              "default: --model's"),
-        "tokenizer": (None, "sentencepiece .model file; default: --model's"),
+        "tokenizer": (None, "sentencepiece .model, GGUF file or tokenizer.json; default: --model's"),
         "device": ("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)"),
         "dtype": ("fp32", "base weights dtype: fp32, bf16 or fp16 (LoRA and all statistics stay fp32)"),
     },
     "data": {
         "task": ("sst2", "sst2 (GLUE SST-2, accuracy on dev.tsv) or gsm8k (exact match of the final number)"),
+        "sst2_prompt": ("auto", "SST-2 as a continuation: story (the tiny models' prompt, ' sad'/' happy'), review "
+                                "('Sentiment:', ' negative'/' positive') or question; auto: review for a BPE "
+                                "instruct model (SmolLM2), story otherwise"),
         "data_dir": (None, "folder with stories260K/, sst2/, gsm8k/ (else $LORA_DA_DATA, ./data, ../shared/data)"),
         "download": (False, "download missing data files from their canonical homes and check sha256"),
         "max_len": (0, "longest sequence in tokens, prompts truncated from the left (0: 128 for sst2 with a BPE "
@@ -78,7 +82,7 @@ SETTINGS = {
         "dropout": (0.0, "LoRA dropout (paper: 0)"),
         "freeze_A": (False, "freeze A and train B only (LoRA-FA, the setting of the LoRA-DA theory)"),
     },
-    "init": {  # defaults from lora_da.DAConfig, the one place they are set
+    "init": {  # defaults from lora_da.DAConfig and peers.PeerConfig, the one place they are set
         "init_samples": (256, "target samples for the init statistics (paper: 256, the head of the train set)"),
         "alpha": (DA.alpha, "LoRA-DA alpha, weight of the bias term (paper: 1)"),
         "beta": (DA.beta, "LoRA-DA beta, weight of the variance term (paper: 0.03)"),
@@ -103,13 +107,13 @@ SETTINGS = {
         "step": (DA.step, "LoRA-DA's initial step B A = dW A0 A0^T/gamma (--no-step: B = 0, the model unchanged)"),
         "shuffle_labels": (False, "control: LoRA-DA's statistics from the same init samples with their answers "
                                   "permuted among them (does the init encode the task, or the answer format?)"),
-        "ga_gamma": (DA.ga_gamma, "LoRA-GA gamma (its official code: 16)"),
-        "ga_samples": (DA.ga_samples, "LoRA-GA gradient samples (its reproduce config: 8; its example: 128)"),
-        "one_gamma": (DA.one_gamma, "LoRA-One gamma (its paper: 128)"),
-        "one_samples": (DA.one_samples, "LoRA-One gradient samples (its paper: 8)"),
-        "eva_token_mask": (DA.eva_token_mask, "EVA's PCA inputs: labels (PEFT's use_label_mask: the scored "
+        "ga_gamma": (PEER.ga_gamma, "LoRA-GA gamma (its official code: 16)"),
+        "ga_samples": (PEER.ga_samples, "LoRA-GA gradient samples (its reproduce config: 8; its example: 128)"),
+        "one_gamma": (PEER.one_gamma, "LoRA-One gamma (its paper: 128)"),
+        "one_samples": (PEER.one_samples, "LoRA-One gradient samples (its paper: 8)"),
+        "eva_token_mask": (PEER.eva_token_mask, "EVA's PCA inputs: labels (PEFT's use_label_mask: the scored "
                                               "positions) or all non-padding tokens"),
-        "eva_rho": (DA.eva_rho, "EVA rho: components per layer offered to its rank redistribution (reported; "
+        "eva_rho": (PEER.eva_rho, "EVA rho: components per layer offered to its rank redistribution (reported; "
                                 "the rank stays r)"),
     },
     "optim": {
@@ -131,7 +135,8 @@ SETTINGS = {
         "log_interval": (50, "print a progress line every N steps"),
         "resume": (False, "continue from out_dir/ckpt.pt"),
         "save_merged": (False, "also write the merged model to out_dir/merged/"),
-        "merged_format": ("meta", "format of the merged model: meta (params.json + consolidated.00.pth) or hf"),
+        "merged_format": ("meta", "format of the merged model: meta (params.json + consolidated.00.pth), hf, or gguf "
+                                  "(F16, with the tokenizer when it is a GGUF model's: llama.cpp runs it)"),
         "export_peft": (None, "also write the adapter as a PEFT folder (adapter_config.json + weights) here"),
         "init_only": (False, "compute the initialization, write init_adapter.pt (and --export-peft), skip training"),
         "init_data": (None, "with --init-only: the init samples from this file instead of the task (text: one sample "
@@ -139,11 +144,10 @@ SETTINGS = {
         "dry_run": (False, "print the parameter count and the memory of each stage, allocate nothing, exit"),
     },
 }
-CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf"), "task": ("sst2", "gsm8k"),
-           "dtype": tuple(llama.DTYPES), "token_mask": ("all", "labels"),
-           "eva_token_mask": ("all", "labels"), "solver": ("eigh", "lobpcg"), "direction": ("da", "random", "gradient"),
-           "a_scale": ("da", "lora")}
-METHODS = lora_da.METHODS
+CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf", "gguf"), "task": tuple(TASK_FILES),
+           "sst2_prompt": ("auto", *SST2_PROMPTS),
+           "dtype": tuple(llama.DTYPES), **lora_da.CHOICES, **peers.CHOICES}
+METHODS = peers.METHODS
 # the settings train.py owns, by meaning (LoRA-DA's own are DAConfig's): name -> (test, what it must be)
 RANGES = {
     **{n: (lambda v: v > 0, "positive") for n in ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank",
@@ -154,10 +158,6 @@ RANGES = {
     "warmup": (lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
     "decode_limit": (lambda v: v >= -1, ">= -1 (-1: all)"),
 }
-
-
-class UsageError(ValueError):
-    pass
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -183,8 +183,8 @@ def get_args(argv=None):
     if len(set(methods)) != len(methods):
         p.error(f"--init {cfg.init!r} names a method twice; each method runs once per seed")
     cfg.methods = methods
-    # the settings train.py owns, checked here by their meaning; LoRA-DA's own are checked by DAConfig below
-    da_fields = {f.name for f in dataclasses.fields(lora_da.DAConfig)}
+    # the settings train.py owns, checked here by their meaning; the inits' own by DAConfig and PeerConfig below
+    da_fields = {f.name for c in (lora_da.DAConfig, peers.PeerConfig) for f in dataclasses.fields(c)}
     for name, value in vars(cfg).items():  # NaN passes every comparison below: refuse it first
         if isinstance(value, float) and not math.isfinite(value) and name not in da_fields:
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -195,9 +195,9 @@ def get_args(argv=None):
                                  ("--no-step", not cfg.step)) if on]
     if controls and methods != ["da"]:
         p.error(f"{', '.join(controls)}: LoRA-DA's controls (theory.md §12) change its init only: use them with --init da")
-    if cfg.shuffle_labels and not set(methods) & set(lora_da.DATA_AWARE):
+    if cfg.shuffle_labels and not set(methods) & set(peers.DATA_AWARE):
         p.error(f"--shuffle-labels permutes the init samples' labels: it needs a data-aware --init "
-                f"({', '.join(lora_da.DATA_AWARE)})")
+                f"({', '.join(peers.DATA_AWARE)})")
     if cfg.init_data and not cfg.init_only:
         p.error("--init-data gives samples for the initialization only: add --init-only (training needs a task)")
     if not cfg.dry_run:
@@ -206,419 +206,14 @@ def get_args(argv=None):
         except ValueError as e:
             p.error(str(e))
     try:
-        init_config(cfg, cfg.seed, 1)
+        init_config(cfg, cfg.seed, 1), peer_config(cfg)
     except lora_da.SettingError as e:
         p.error(f"--{e.name.replace('_', '-')} {e.what}")
     return cfg
 
 
 # -----------------------------------------------------------------------------
-# data: find the real files, or download them and check their sha256
-
-FILES = {  # relative path -> (canonical URL, sha256)
-    "stories260K/stories260K.bin": ("https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/stories260K.bin",
-                                    "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"),
-    "stories260K/tok512.model": ("https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/tok512.model",
-                                 "dfff07d929db979913f166ec94a6f5ecad4c70cfed8eb5c9cbe7e464455e46f5"),
-    "babyllama936K/model5000.bin": ("https://github.com/EN10/BabyLlama/raw/a8f9b94/tok105/model5000.bin",
-                                    "98b63851593002f0ab706ff1db61fd9f5fd73d89df34970dd66eced9ee954464"),
-    "babyllama936K/tok105.model": ("https://github.com/EN10/BabyLlama/raw/a8f9b94/tok105/tok105.model",
-                                   "eed6827c1b4d876b982b9b628626dba444960a041857085e0d88c4a92aa8d3c6"),
-    "sst2/train.tsv": ("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip (SST-2/train.tsv)",
-                       "8621df47b79e9b3fa010405ef4dd506cbf483319cf851f20f2b6773f61d387b5"),
-    "sst2/dev.tsv": ("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip (SST-2/dev.tsv)",
-                     "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"),
-    "gsm8k/train.jsonl": ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl",
-                          "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
-    "gsm8k/test.jsonl": ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl",
-                         "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
-}
-
-
-def data_dirs(cfg):
-    """Where to look: an explicit --data-dir or $LORA_DA_DATA alone (used or refused, never skipped),
-    else ./data, then ../shared/data beside the repository."""
-    explicit = cfg.data_dir or os.environ.get("LORA_DA_DATA")
-    if explicit:
-        return [Path(explicit)]
-    return [Path("data"), ROOT.parent / "shared" / "data"]
-
-
-def find_data(cfg, needed):
-    """The first data folder that has every needed file; else download (--download) or say what is missing."""
-    for d in data_dirs(cfg):
-        if all((d / f).is_file() for f in needed):
-            return d
-    if cfg.download:
-        return download(data_dirs(cfg)[0], needed)
-    lines = [f"{f}  from {FILES[f][0]}  sha256 {FILES[f][1]}" for f in needed]
-    where = ", ".join(str(d) for d in data_dirs(cfg))
-    missing = [f for f in needed if not (data_dirs(cfg)[0] / f).is_file()]
-    raise UsageError(f"data files not found in {where} (missing {', '.join(missing)}); need: "
-                     + "; ".join(lines) + " (or run with --download)")
-
-
-def fetch(url, path):
-    with urllib.request.urlopen(url) as r, open(path, "wb") as out:
-        shutil.copyfileobj(r, out)
-
-
-def download(dest: Path, needed):
-    for f in needed:
-        target = dest / f
-        if target.is_file():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        url = FILES[f][0].split(" ")[0]
-        print(f"downloading {url}")
-        if url.endswith(".zip"):  # GLUE ships SST-2 as a zip (7 MB): both files of it, each written atomically
-            import io
-            import zipfile
-            with urllib.request.urlopen(url) as r, zipfile.ZipFile(io.BytesIO(r.read())) as z:
-                for name in ("train.tsv", "dev.tsv"):
-                    checkpoints.atomic_write(target.parent / name, lambda tmp: tmp.write_bytes(z.read(f"SST-2/{name}")))
-        else:
-            checkpoints.atomic_write(target, lambda tmp: fetch(url, tmp))
-    for f in needed:
-        digest = hashlib.sha256((dest / f).read_bytes()).hexdigest()
-        if digest != FILES[f][1]:
-            raise UsageError(f"{dest / f}: sha256 {digest}, expected {FILES[f][1]}; delete it and download again")
-    return dest
-
-
-# -----------------------------------------------------------------------------
-# tasks: each example becomes (prompt ids, answer ids); the loss is on the answer ids only
-
-SST2_PROMPT = "Review: {sentence}\nThe reviewer was"
-SST2_WORDS = (" sad", " happy")  # label 0, label 1; the loss is on every token of the word
-
-
-def read_text(path):
-    """A data file's text; invalid UTF-8 is refused with the file and line."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UsageError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})")
-
-
-def read_sst2(path):
-    rows = read_text(path).splitlines()
-    if not rows or rows[0].split("\t")[:2] != ["sentence", "label"]:
-        raise UsageError(f"{path}: expected a GLUE SST-2 tsv with header 'sentence<TAB>label'")
-    out = []
-    for i, row in enumerate(rows[1:], start=2):
-        sentence, _, label = row.rpartition("\t")
-        if label not in ("0", "1"):
-            raise UsageError(f"{path}:{i}: label must be 0 or 1, got {label!r}")
-        out.append((sentence.strip(), int(label)))
-    if not out:
-        raise UsageError(f"{path}: no examples after the header")
-    return out
-
-
-def read_gsm8k(path):
-    out = []
-    for i, line in enumerate(read_text(path).splitlines(), start=1):
-        try:
-            ex = json.loads(line)
-            out.append((ex["question"], ex["answer"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UsageError(f"{path}:{i}: expected a JSON object with question and answer ({e})")
-    if not out:
-        raise UsageError(f"{path}: no examples")
-    return out
-
-
-def read_init_data(path):
-    """--init-data: a .jsonl file of {"prompt", "answer"} objects, or a text file with one sample per line
-    (all of it scored) -> (prompt, answer) pairs."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--init-data {path}: no such file")
-    lines = [line for line in read_text(path).splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(lines, start=1):
-            try:
-                ex = json.loads(line)
-                out.append((str(ex["prompt"]), str(ex["answer"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UsageError(f"{path}:{i}: expected a JSON object with prompt and answer ({e})")
-    else:
-        out = [("", line) for line in lines]
-    if not out:
-        raise UsageError(f"--init-data {path}: no samples")
-    return out
-
-
-def final_number(text):
-    """GSM8K's answer: the number after '####', else the last number in the text."""
-    m = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
-    nums = [m.group(1)] if m else re.findall(r"-?[\d,]*\.?\d+", text)
-    if not nums:
-        return None
-    try:
-        return float(nums[-1].replace(",", ""))
-    except ValueError:
-        return None
-
-
-TASK_FILES = {"sst2": (read_sst2, ("train.tsv", "dev.tsv")), "gsm8k": (read_gsm8k, ("train.jsonl", "test.jsonl"))}
-VAL_SEED = 12345  # the validation draw is fixed: the same held-out examples for every method and seed
-
-
-class Task:
-    """The task's examples, encoded once: (prompt ids, answer ids) per split (train, val, test), with
-    truncation and unknown characters counted over each whole split (never silent), and right-padded
-    batches in which <unk> is never a target."""
-
-    def __init__(self, cfg, tok, data_dir, context, rows=None):
-        self.name = "custom" if rows is not None else cfg.task
-        # SST-2 prompts are ~45 BPE tokens but ~3x as many characters: a character-level tokenizer gets the context
-        sst2_len = 128 if tok.vocab_size > 256 else context
-        self.max_len = min(cfg.max_len or (sst2_len if cfg.task == "sst2" else context), context)
-        self.unk_id = tok.unk_id
-        if rows is not None:  # --init-data: the user's own (prompt, answer) pairs, for the init only
-            train, test = rows, []
-        else:
-            read, (train_file, test_file) = TASK_FILES[cfg.task]
-            train = read(data_dir / cfg.task / train_file)
-            test = read(data_dir / cfg.task / test_file) if cfg.test_eval else []  # model selection never reads it
-        if cfg.task == "sst2":
-            self.words = [tok.encode(w, bos=False) for w in SST2_WORDS]
-            # words that begin alike (a character tokenizer: both start with "▁") are scored whole; else by
-            # their first tokens (stories260K: "▁sa" against "▁happy"), the rule of every committed study
-            self.whole_word = self.words[0][0] == self.words[1][0]
-        if cfg.train_limit:
-            train = train[:cfg.train_limit]
-        val = []
-        if not cfg.test_eval and not cfg.val_size:
-            raise UsageError("--no-test-eval needs a validation split to evaluate on: set --val-size")
-        if cfg.val_size:  # a seeded draw held out of the training set: the only data any setting is chosen on
-            if cfg.val_size >= len(train):
-                raise UsageError(f"--val-size {cfg.val_size} leaves no training data ({len(train)} examples)")
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))
-            held = set(order[:cfg.val_size].tolist())
-            val = [ex for i, ex in enumerate(train) if i in held]
-            train = [ex for i, ex in enumerate(train) if i not in held]
-        if cfg.train_size:
-            if cfg.train_size > len(train):
-                raise UsageError(f"--train-size {cfg.train_size} is more than the {len(train)} training examples")
-            train = train[:cfg.train_size]
-        self.val_rows = sorted(held) if cfg.val_size else []  # line numbers in the training file, for the record
-        test = test[:cfg.eval_limit or (len(test) if cfg.task == "sst2" else 50)]
-        self.train, self.val, self.test = train, val, test
-        self.truncated = {"train": 0, "val": 0, "test": 0}
-        self.unknown = {"train": 0, "val": 0, "test": 0}  # <unk> tokens: characters outside the tokenizer's alphabet
-        self.encoded = {split: [self._encode(tok, ex, split) for ex in getattr(self, split)]
-                        for split in ("train", "val", "test")}
-
-    def _encode(self, tok, ex, split):
-        if self.name == "sst2":
-            prompt = tok.encode(SST2_PROMPT.format(sentence=ex[0]), bos=True)
-            answer = self.words[ex[1]]
-        elif self.name == "custom":  # a text line is all answer: the loss is on every token after BOS
-            prompt = tok.encode(ex[0], bos=True)
-            answer = tok.encode(ex[1], bos=False, eos=True)
-        else:
-            prompt = tok.encode(f"Q: {ex[0]}\nA: ", bos=True)
-            answer = tok.encode(ex[1], bos=False, eos=True)
-        # SST-2 is scored with either word after the prompt: leave room for the longer one
-        longest = max(map(len, self.words)) if self.name == "sst2" and self.whole_word else len(answer)
-        over = len(prompt) + longest - self.max_len
-        if self.max_len < 3:
-            raise UsageError(f"--max-len {self.max_len} leaves no room for a prompt and its answer; use at least 3")
-        if over > 0:  # keep BOS and the answer; cut the oldest prompt tokens (then the answer's tail)
-            self.truncated[split] += 1
-            keep = max(1, len(prompt) - over)
-            prompt = prompt[:1] + prompt[len(prompt) - keep + 1:] if keep > 1 else prompt[:1]
-            answer = answer[:self.max_len - len(prompt)]
-        self.unknown[split] += (prompt + answer).count(self.unk_id)
-        return prompt, answer
-
-    def encode(self, split, i):
-        return self.encoded[split][i]
-
-    def length(self, split, i):
-        prompt, answer = self.encoded[split][i]
-        return len(prompt) + len(answer) - 1  # positions fed to the model
-
-    def batch(self, split, indices, pad_id, word=None, answers=None):
-        """tokens, targets (−100 except on answer tokens, and on <unk>: the loss never rewards predicting an
-        unknown character), attention_mask: (B, T), right-padded. word k: SST-2's label word k as every answer;
-        answers: these answers instead of the examples' own, one per index."""
-        pairs = [self.encoded[split][i] for i in indices]
-        if word is not None:
-            pairs = [(p, self.words[word]) for p, _ in pairs]
-        if answers is not None:
-            pairs = [(p, a) for (p, _), a in zip(pairs, answers)]
-        T = max(len(p) + len(a) for p, a in pairs) - 1
-        tokens = torch.full((len(pairs), T), pad_id)
-        targets = torch.full((len(pairs), T), -100)
-        mask = torch.zeros(len(pairs), T, dtype=torch.bool)
-        for b, (p, a) in enumerate(pairs):
-            seq = p + a
-            tokens[b, :len(seq) - 1] = torch.tensor(seq[:-1])
-            targets[b, len(p) - 1:len(seq) - 1] = torch.tensor(a)  # position t predicts token t+1
-            mask[b, :len(seq) - 1] = True
-        targets[targets == self.unk_id] = -100
-        return {"tokens": tokens, "targets": targets, "attention_mask": mask}
-
-    def samples(self, n, pad_id, shuffle_labels=False):
-        """The head of the training set as single samples (no batch dim), padded to one length. shuffle_labels:
-        the same sentences with their answers permuted among them (a fixed permutation, seed 0): the label
-        distribution and the answer format stay, the link between a sentence and its label is gone."""
-        head = list(range(min(n, len(self.train))))
-        answers = None
-        if shuffle_labels:
-            perm = torch.randperm(len(head), generator=torch.Generator().manual_seed(0)).tolist()
-            answers = [self.encoded["train"][head[j]][1] for j in perm]
-        b = self.batch("train", head, pad_id, answers=answers)
-        return [{k: v[i] for k, v in b.items()} for i in range(len(b["tokens"]))]
-
-
-# -----------------------------------------------------------------------------
-# memory plan for --dry-run: arithmetic on shapes, nothing allocated
-
-def dry_run(cfg, args: llama.ModelArgs, device):
-    with torch.device("meta"):
-        model = llama.Transformer(args)
-    n_params = model.num_params()
-    bytes_w = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.dtype]
-    targets = cfg.targets.split(",")
-    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
-    per_block = [s for n, s in shapes.items() if n.startswith("layers.0.")]
-    blocks = cfg.layers_per_pass or args.n_layers
-    G = sum(o * i for o, i in per_block) * blocks * 4
-    shared = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "w1": "ffn_in", "w3": "ffn_in"}
-    z_dims = {shared.get(n.rsplit(".", 1)[-1], n): s[1] for n, s in shapes.items() if n.startswith("layers.0.")}
-    Z = sum(d * d for d in z_dims.values()) * blocks * 4
-    Y = sum((o * o if cfg.y_full else o) for o, _ in per_block) * blocks * 4
-    # fp64, one layer at a time: Z's Cholesky factor, M, and eigh's eigenvectors and workspace (2 d_in²)
-    M = max(i for _, i in per_block) ** 2 * 8 * 5
-    temp = max(o * i + i * i for o, i in per_block) * 4  # the statistics pass's largest per-layer temporaries
-    # what the process holds besides tensors (torch, tokenizer, data): on CPU its resident set, measured
-    # here now that torch is loaded; on CUDA the counters see tensors only
-    runtime = 0 if str(device).startswith("cuda") else _rss_bytes()
-    r = cfg.rank
-    lora = sum(r * (o + i) for o, i in shapes.values())
-    T = cfg.max_len or min(512, args.max_seq_len)
-    B = cfg.batch_size
-    hidden = llama.ffn_hidden_dim(args)
-    # activations kept for backward per block: ~ norms, q/k/v/o, attention out, SwiGLU (3 × hidden), residuals
-    act = B * T * (10 * args.dim + 4 * hidden) * bytes_w * args.n_layers + B * T * args.vocab_size * 4 * 2
-    rows = [("parameters", f"{n_params:,}"), ("weights", gib(n_params * bytes_w)),
-            ("runtime: this process with torch loaded (CPU resident set, measured)", gib(runtime)),
-            (f"G, {blocks} blocks per pass (fp32)", gib(G)), (f"Z + Y, {blocks} blocks per pass (fp32)", gib(Z + Y)),
-            ("eigenproblem, one layer (fp64: factor, M, eigenvectors, workspace)", gib(M)),
-            (f"LoRA r={r} + AdamW state (fp32: param, grad, 2 moments)", gib(lora * 4 * 4)),
-            (f"activations, batch {B} x {T} tokens (estimate)", gib(act)),
-            (f"peak, statistics pass ({cfg.stats_batch_size} samples per pass)",
-             gib(runtime + n_params * bytes_w + G + Z + Y + temp + act * cfg.stats_batch_size // B)),
-            ("peak, solve", gib(runtime + n_params * bytes_w + G + Z + Y + M)),
-            ("peak, training", gib(runtime + n_params * bytes_w + lora * 16 + act))]
-    print(f"dry run: {cfg.checkpoint or cfg.model} on {device}, dtype {cfg.dtype}, {len(shapes)} LoRA layers")
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{w}}  {v:>14}")
-    print("  checked: the three peaks against the measured peak memory of LLaMA-2-7B's shapes at 1 block on CPU "
-          "(measured: 0.98x, 1.13x, 1.15x the plan; studies/shapes7b.py); the activations row only at 2 x 64 tokens")
-    return dict(rows)
-
-
-def _rss_bytes():
-    """This process's resident set in bytes (Linux), else 0."""
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        return 0
-
-
-def gib(nbytes):
-    return f"{nbytes / 2 ** 30:.3f} GiB"
-
-
-# -----------------------------------------------------------------------------
 # the pieces of a run, each a plain function of what it uses
-
-@torch.no_grad()
-def evaluate(model, task, split, tok, device, decode=True, batch_size=64, decode_limit=-1, dist=None):
-    """Loss on the answer tokens of a split; accuracy (sst2: the label word whose first token is more likely
-    wins, or, where both words begin with the same token, the word with the larger log-probability summed
-    over its tokens; gsm8k: greedy decoding, exact match of the final number, only when decode). Batches
-    are formed in length order (less padding); each example's numbers do not depend on its batch. Over
-    several processes (dist), each scores every world-th example and the sums are all-reduced."""
-    dist = dist or Dist()
-    rows = getattr(task, split)
-    if not rows:
-        return None
-    was_training = model.training
-    model.eval()
-    losses, correct, positive = [0.0] * len(rows), 0, 0
-    order = sorted(range(len(rows)), key=lambda j: task.length(split, j))[dist.rank::dist.world]
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        if task.name == "sst2" and task.whole_word:
-            # words that begin with the same token: score each whole word; the answer is one of them, so its
-            # log-probability gives the loss too (two passes, not three)
-            logp, n = word_logprobs(model, task, split, idx, tok.pad_id, device)   # (B, 2) each
-            label = torch.tensor([rows[j][1] for j in idx], device=logp.device)
-            pick = torch.arange(len(idx), device=logp.device)
-            for j, loss in zip(idx, (-logp[pick, label] / n[pick, label].clamp_min(1)).tolist()):
-                losses[j] = loss
-            pred = (logp[:, 1] > logp[:, 0]).long().cpu()
-            correct += int((pred == label.cpu()).sum())
-            positive += int(pred.sum())
-            continue
-        b = {k: v.to(device) for k, v in task.batch(split, idx, tok.pad_id).items()}
-        scored = b["targets"] != -100                                  # (B, T)
-        logits = model(b["tokens"], at=scored)                         # (n_scored, V): only where read
-        for j, loss in zip(idx, lora_da.scored_losses(logits, b["targets"]).tolist()):
-            losses[j] = loss
-        counts = scored.sum(1)
-        first = counts.cumsum(0) - counts                              # each row's first scored position
-        if task.name == "sst2":
-            at = logits[first]                                         # (B, V): the label words' first tokens
-            pred = (at[:, task.words[1][0]] > at[:, task.words[0][0]]).long().cpu()
-            correct += int((pred == torch.tensor([rows[j][1] for j in idx])).sum())
-            positive += int(pred.sum())
-    n_decoded = len(rows) if task.name == "sst2" or decode_limit < 0 else min(decode_limit, len(rows))
-    decode = decode and n_decoded > 0
-    if task.name == "gsm8k" and decode:
-        for j in range(dist.rank, n_decoded, dist.world):
-            prompt, _ = task.encode(split, j)
-            room = min(256, model.args.max_seq_len - len(prompt))
-            new = list(model.generate(torch.tensor([prompt], device=device), room, 0.0,
-                                      stop_ids=(tok.eos_id, tok.bos_id)))
-            pred, gold = final_number(tok.decode(new)), final_number(rows[j][1])
-            correct += int(pred is not None and pred == gold)
-    model.train(was_training)
-    if dist.world > 1:  # every example was scored by one process: the sums are the one-process sums
-        sums = dist.sum_(torch.tensor(losses + [correct, positive], dtype=torch.float64, device=device)).tolist()
-        losses, correct, positive = sums[:len(rows)], int(sums[-2]), int(sums[-1])
-    decoded = task.name == "sst2" or decode
-    return {"accuracy": correct / n_decoded if decoded else None, "loss": sum(losses) / len(losses),
-            **({"decoded": n_decoded} if task.name == "gsm8k" and decoded else {}),
-            **({"predicted_positive": positive / len(rows)} if task.name == "sst2" else {})}  # 0 or 1: collapsed
-
-
-def word_logprobs(model, task, split, idx, pad_id, device):
-    """log p(word k | prompt) for each example of idx and both label words, the sum of the log-probabilities
-    of the word's tokens, with how many tokens were scored (<unk> never is): (B, 2) each, one batch of 2B."""
-    idx = list(idx)
-    b = {k: v.to(device) for k, v in task.batch(split, idx + idx, pad_id,
-                                                answers=[task.words[0]] * len(idx) + [task.words[1]] * len(idx)).items()}
-    scored = b["targets"] != -100                                      # (2B, T): the words' positions
-    logp = torch.log_softmax(model(b["tokens"], at=scored).float(), -1)  # (n_scored, V)
-    token_logp = logp.gather(1, b["targets"][scored][:, None])[:, 0]   # (n_scored,)
-    rows = scored.nonzero()[:, 0]                                      # the row each token belongs to
-    summed = torch.zeros(2 * len(idx), device=logp.device).index_add_(0, rows, token_logp)
-    return summed.view(2, -1).T, scored.sum(1).view(2, -1).T
-
 
 def backward_on_batch(model, task, idx, tok, device, groups, scale):
     """Backpropagate scale × (sum of the per-sample losses of the batch idx); returns (loss, tokens).
@@ -662,6 +257,11 @@ def init_config(cfg, seed, N) -> lora_da.DAConfig:
     filled in (N = the training-set size unless --N is given)."""
     names = [f.name for f in dataclasses.fields(lora_da.DAConfig) if f.name not in ("seed", "N")]
     return lora_da.DAConfig(**{k: getattr(cfg, k) for k in names}, N=cfg.N or N, seed=seed)
+
+
+def peer_config(cfg) -> peers.PeerConfig:
+    """The peers' settings of a run, by the same names."""
+    return peers.PeerConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(peers.PeerConfig)})
 
 
 def resolved(cfg, method, seed, N, data_dir=None):
@@ -763,7 +363,7 @@ def load(cfg, log=print, dist=None) -> Setup:
     data_dir = find_data(cfg, needed)
     ckpt_path = Path(cfg.checkpoint or data_dir / model_file)
     tok_path = Path(cfg.tokenizer or data_dir / tok_file)
-    tok = llama.Tokenizer(tok_path)
+    tok = bpe.load_tokenizer(tok_path)
     base = checkpoints.load_checkpoint(ckpt_path, device=device, dtype=llama.DTYPES[cfg.dtype])
     if tok.vocab_size != base.args.vocab_size:
         raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {ckpt_path} expects "
@@ -774,56 +374,8 @@ def load(cfg, log=print, dist=None) -> Setup:
     return Setup(tok, base, task, device, ckpt_path, data_dir, dist)
 
 
-def accuracy(ev):
-    """An evaluation's accuracy for the log: GSM8K's says how many problems were decoded."""
-    if ev["accuracy"] is None:
-        return "not decoded"
-    return f"{ev['accuracy']:.4f}" + (f" ({ev['decoded']} decoded)" if "decoded" in ev else "")
-
-
 # -----------------------------------------------------------------------------
 # the pieces of one run, in the order run() calls them
-
-class PeakMemory:
-    """Peak memory of each stage of a run (statistics pass, solve, training), in GiB, for metrics.json and the
-    check of --dry-run's plan. On CUDA: the peak of allocated tensors (torch's counter). On Linux CPU: the
-    process's peak resident set (VmHWM, reset between stages through /proc/self/clear_refs), which also
-    counts torch's runtime and the data. Elsewhere: nothing is recorded."""
-
-    def __init__(self, device):
-        self.cuda = str(device).startswith("cuda")
-        self.ok = self.cuda or Path("/proc/self/clear_refs").exists()
-        self.peaks, self.held, self.current = {}, {}, None
-
-    def _reset(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.ok = False
-
-    def _read(self):
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2 ** 30
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2 ** 20  # kB
-        return 0.0
-
-    def stage(self, name):
-        """`name` begins now (None: the last one ended); a stage met several times (one pass per group of
-        blocks) keeps its largest peak."""
-        if not self.ok:
-            return
-        if self.current is not None:
-            self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), round(self._read(), 3))
-        self._reset()
-        if name is not None and name not in self.held:
-            self.held[name] = round(self._read(), 3)  # right after the reset: what the stage starts from
-        self.current = name
-
 
 def lora_model(cfg, setup, take=False):
     """A fresh copy of the base model with LoRA on the chosen targets; only the LoRA factors train.
@@ -853,7 +405,7 @@ def evaluate_splits(cfg, model, setup, decode=True, periodic=False):
     return {**test, "split": "test", **({"val": val} if val else {})}
 
 
-def initialize(cfg, model, method, seed, N, setup, out_dir, log):
+def fresh_start(cfg, model, method, seed, N, setup, out_dir, log):
     """A fresh start: zero-shot evaluation, the initialization (timed), step 0. Returns the run's metrics."""
     metrics = {"method": method, "seed": seed, "evals": []}
     if not cfg.init_only and cfg.zero_shot:
@@ -862,11 +414,12 @@ def initialize(cfg, model, method, seed, N, setup, out_dir, log):
     # statistics from the head of the training set, as the authors take them
     t0 = time.perf_counter()
     samples = (setup.task.samples(cfg.init_samples, setup.tok.pad_id, cfg.shuffle_labels)
-               if method in lora_da.DATA_AWARE else None)
+               if method in peers.DATA_AWARE else None)
     d = setup.dist
     memory = PeakMemory(setup.device)
-    report = lora_da.initialize(model, method, samples, cfg=init_config(cfg, seed, N), log=log, shard=(d.rank, d.world),
-                                reduce=d.sum_ if d.world > 1 else None, stage=memory.stage)
+    report = peers.initialize_model(model, method, samples, cfg=init_config(cfg, seed, N), peer=peer_config(cfg),
+                                    log=log, shard=(d.rank, d.world), reduce=d.sum_ if d.world > 1 else None,
+                                    stage=memory.stage)
     metrics["peak_memory_gib"], metrics["memory_at_start_gib"] = memory.peaks, memory.held
     metrics["init_seconds"], metrics["init_report"] = time.perf_counter() - t0, report
     if d.main:
@@ -889,7 +442,7 @@ def start(cfg, model, optimizer, method, seed, N, setup, out_dir, config, log):
         return resume(ckpt_file, model, optimizer, config, log)
     if cfg.resume:
         log(f"no checkpoint at {ckpt_file}: starting from scratch")
-    return 0, initialize(cfg, model, method, seed, N, setup, out_dir, log), {"step": [], "loss": []}
+    return 0, fresh_start(cfg, model, method, seed, N, setup, out_dir, log), {"step": [], "loss": []}
 
 
 def accumulate_gradient(cfg, model, setup, params, step, seed, perms):
@@ -1025,8 +578,11 @@ def write_outputs(cfg, model, setup, out_dir, config, metrics, log, history=None
         for name, layer in llama.lora_layers(merged).items():  # back to plain nn.Linear: Meta's names
             parent, child = name.rsplit(".", 1)
             setattr(merged.get_submodule(parent), child, layer.base)
-        save = checkpoints.save_hf_checkpoint if cfg.merged_format == "hf" else checkpoints.save_meta_checkpoint
-        save(merged, out_dir / "merged")
+        if cfg.merged_format == "gguf":
+            checkpoints.save_gguf(merged, out_dir / "merged" / "model.gguf", tokenizer=setup.tok)
+        else:
+            save = checkpoints.save_hf_checkpoint if cfg.merged_format == "hf" else checkpoints.save_meta_checkpoint
+            save(merged, out_dir / "merged")
         log(f"merged model ({cfg.merged_format} format) written to {out_dir / 'merged'}")
 
 
@@ -1098,92 +654,6 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=F
         save_checkpoint(ckpt_file, checkpoint_state(step, model, optimizer, metrics, history, config))
         write_outputs(cfg, model, setup, out_dir, config, metrics, log, history)
     return metrics
-
-
-# -----------------------------------------------------------------------------
-# plots and the side-by-side table
-
-def pyplot():
-    """matplotlib, imported only when a plot is drawn: without a screen (Agg), unless the caller already chose
-    a backend (a notebook's inline one must stay, or its own plots would vanish)."""
-    import matplotlib
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: Path):
-    """A figure as a PNG, written atomically, then closed."""
-    checkpoints.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    pyplot().close(fig)
-
-
-def plot_loss(history, metrics, path, title):
-    fig, ax = pyplot().subplots(figsize=(7, 4))
-    ax.plot(history["step"], history["loss"], alpha=0.3, label="train loss (per step)")
-    ax.plot(history["step"], smooth(history["loss"]), label="train loss (smoothed)")
-    ev = metrics["evals"]
-    ax.plot([0] + [e["step"] for e in ev], [metrics["step0"]["loss"]] + [e["loss"] for e in ev], "o-",
-            label="test loss (answer tokens)")
-    ax.set(title=title, xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def smooth(xs, k=25):
-    out, acc = [], []
-    for x in xs:
-        acc.append(x)
-        acc = acc[-k:]
-        out.append(sum(acc) / len(acc))
-    return out
-
-
-def mean_std(xs):
-    m = sum(xs) / len(xs)
-    s = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return m, s
-
-
-def compare(results, out_dir: Path, cfg):
-    """results: {method: [metrics per seed]} -> compare.md and compare.png."""
-    rows = ["| method | zero-shot acc | step-0 acc | final acc | final loss | init seconds |",
-            "|---|---|---|---|---|---|"]
-    for method, runs in results.items():
-        cols = []
-        for get in (lambda m: m.get("zero_shot", {"accuracy": None})["accuracy"], lambda m: m["step0"]["accuracy"],
-                    lambda m: m["final"]["accuracy"], lambda m: m["final"]["loss"], lambda m: m["init_seconds"]):
-            mu, sd = mean_std([float("nan") if get(m) is None else get(m) for m in runs])  # None: not decoded
-            cols.append(f"{mu:.4f} ± {sd:.4f}")
-        rows.append(f"| {method} | " + " | ".join(cols) + " |")
-    seeds = len(next(iter(results.values())))
-    text = (f"# {cfg.task}: {', '.join(results)} on {cfg.checkpoint or cfg.model}, {seeds} seed(s)\n\n"
-            f"mean ± std over seeds; {cfg.steps} steps × {cfg.batch_size * cfg.grad_accum} sequences, lr {cfg.lr:g}, "
-            f"r={cfg.rank}, alpha={cfg.lora_alpha:g}{' (rsLoRA)' if cfg.rslora else ''}\n\n" + "\n".join(rows) + "\n")
-    checkpoints.atomic_write_text(out_dir / "compare.md", text)
-
-    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(12, 4.5))
-    for method, runs in results.items():
-        n = min(len(m["history"]["loss"]) for m in runs)
-        mean = [sum(m["history"]["loss"][i] for m in runs) / len(runs) for i in range(n)]
-        a1.plot(runs[0]["history"]["step"][:n], smooth(mean), label=method)
-    a1.set(title="training loss (mean over seeds, smoothed)", xlabel="optimizer step",
-           ylabel="cross-entropy (nats/token)")
-    a1.legend()
-    names = list(results)
-    stats = [mean_std([m["final"]["accuracy"] for m in results[k]]) for k in names]
-    a2.bar(names, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], capsize=4, label="final (± std)")
-    zs = [m["zero_shot"]["accuracy"] for runs in results.values() for m in runs
-          if m.get("zero_shot", {}).get("accuracy") is not None]
-    if zs:
-        a2.axhline(100 * mean_std(zs)[0], color="gray", ls="--", label="zero-shot")
-    a2.set(title=f"final {cfg.task} accuracy", xlabel="initialization", ylabel="accuracy (%)")
-    a2.legend()
-    fig.tight_layout()
-    save_figure(fig, out_dir / "compare.png")
-    return text
 
 
 # -----------------------------------------------------------------------------

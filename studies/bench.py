@@ -6,6 +6,7 @@ Where a training step's time goes, and how much faster it is than the straightfo
     python studies/bench.py --check-steps 100        # also 100 optimizer steps, fast vs literal: losses compared
     python studies/bench.py --rounds 0 --check-steps 100   # only that comparison
     python studies/bench.py --compile                # also torch.compile (inductor): compile time and speed
+    python studies/bench.py --limit                  # FLOPs against the CPU's matmul peak, 4 models (and HF's)
     python studies/shapes7b.py                       # LLaMA-2-7B's shapes: memory per stage, the eigensolvers
 
 Three ways to compute the same training step (the same batches, the same numbers up to float order):
@@ -30,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core beside this folder
 import llama  # noqa: E402
 import lora_da  # noqa: E402
+import peers  # noqa: E402
+import tasks  # noqa: E402
 import train  # noqa: E402
 
 
@@ -49,7 +52,7 @@ def lora_copy(setup, cfg, fast: bool):
     model = copy.deepcopy(setup.base)
     llama.add_lora(model, r=cfg.rank, lora_alpha=cfg.lora_alpha, rslora=True)
     torch.manual_seed(9)
-    lora_da.initialize(model, "lora", cfg=train.init_config(cfg, 9, len(setup.task.train)))
+    peers.initialize_model(model, "lora", cfg=train.init_config(cfg, 9, len(setup.task.train)))
     # B = 0 makes both forms trivially equal: give B the size it has after some training
     for layer in llama.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B, std=0.02)
@@ -134,7 +137,7 @@ def evaluation(setup, models, rounds):
         return sum(losses) / len(losses)
 
     def now():
-        return train.evaluate(models["now"], task, "test", tok, "cpu")["loss"]
+        return tasks.evaluate(models["now"], task, "test", tok, "cpu")["loss"]
 
     res = best_of({"before": before, "now": now}, rounds)
     assert abs(res["now"][1] - res["before"][1]) < 1e-5 * abs(res["before"][1]), res
@@ -151,7 +154,7 @@ def statistics_pass(setup, cfg, rounds):
             m = llama.fast_paths(copy.deepcopy(setup.base), fast)
             llama.add_lora(m, r=cfg.rank, lora_alpha=cfg.lora_alpha, rslora=True)
             llama.fast_paths(m, fast)
-            lora_da.initialize(m, "da", samples, cfg=init_cfg)
+            lora_da.initialize_da(m, samples, cfg=init_cfg)
             return {n: l.lora_B.detach().clone() @ l.lora_A.detach() for n, l in llama.lora_layers(m).items()}
         return fn
 
@@ -233,9 +236,174 @@ def step_of(variant, setup, cfg, model, n_batches=4):
     model.zero_grad(set_to_none=True)
 
 
+# -----------------------------------------------------------------------------
+# against the limit: FLOPs a token counted from the shapes, the achieved rate, and torch's own matmul peak
+
+WIDE = llama.ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=3, vocab_size=4096, hidden_dim=1024, max_seq_len=256)
+
+
+def matmul_peak(threads, n=2048, reps=10):
+    """torch's fp32 n x n matmul rate at this thread count, GFLOP/s (the best of reps): the ceiling to compare with."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def flops_per_token(args, r, T, scored_share, train=True):
+    """A LoRA training step's FLOPs per token, from the shapes: the forward (every projection 2·d_in·d_out, its
+    adapter 2·r·(d_in + d_out), causal attention 2·2·(T/2)·dim, the output layer 2·dim·V only at the scored share of
+    positions), then the backward's activation gradients (the same products again: W0 is frozen, so no weight
+    gradient but the adapters' 2·2·r·(d_in + d_out))."""
+    hd = args.dim // args.n_heads
+    kv = (args.n_kv_heads or args.n_heads) * hd
+    shapes = [(args.dim, args.dim), (args.dim, kv), (args.dim, kv), (args.dim, args.dim),
+              (args.dim, llama.ffn_hidden_dim(args)), (llama.ffn_hidden_dim(args), args.dim),
+              (args.dim, llama.ffn_hidden_dim(args))]
+    proj = sum(2 * i * o for i, o in shapes) * args.n_layers
+    lora = sum(2 * r * (i + o) for i, o in shapes) * args.n_layers
+    attn = 2 * 2 * (T / 2) * args.dim * args.n_layers
+    out = 2 * args.dim * args.vocab_size * scored_share
+    forward = proj + lora + attn + out
+    return forward if not train else 2 * forward + 2 * lora  # activation gradients + the adapters' own
+
+
+def limit_rows(name, threads, rounds, hf=False):
+    """(training tok/s, evaluation tok/s, FLOPs/token, achieved GFLOP/s, share of the matmul peak) of one model."""
+    torch.set_num_threads(threads)
+    if name == "width-384":
+        torch.manual_seed(0)
+        base = llama.Transformer(WIDE)
+        tokens = torch.randint(0, WIDE.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+        batch = {"tokens": tokens, "targets": torch.roll(tokens, -1, 1)}
+        model = copy.deepcopy(base)
+        llama.add_lora(model, r=8, lora_alpha=16, rslora=True)
+        llama.mark_only_lora_trainable(model)
+        model.train()
+
+        def step():
+            lora_da.sequence_losses(model(batch["tokens"]), batch["targets"]).mean().backward()
+            return tokens.numel()
+
+        def evaluate():
+            with torch.no_grad():
+                model(batch["tokens"])
+            return tokens.numel()
+        args, T, share = WIDE, 256, 1.0
+    else:
+        cfg = train.get_args(["--model", name])
+        setup = train.load(cfg, log=lambda *a: None)
+        model = lora_copy(setup, cfg, True)
+        task, tok = setup.task, setup.tok
+        idx = train.batch_indices(0, cfg.batch_size, 9, len(task.train), {})
+
+        def step():
+            return train.backward_on_batch(model, task, idx, tok, "cpu", cfg.length_groups, 1 / len(idx))[1]
+
+        def evaluate():
+            with torch.no_grad():
+                n = 0
+                for k in range(0, len(idx), 16):
+                    b = task.batch("train", idx[k:k + 16], tok.pad_id)
+                    model(b["tokens"], at=b["targets"] != -100)
+                    n += int(b["attention_mask"].sum())
+            return n
+        args = setup.base.args
+        b = task.batch("train", idx, tok.pad_id)
+        T = int(b["attention_mask"].sum(1).float().mean())
+        share = float((b["targets"] != -100).sum() / b["attention_mask"].sum())
+    res = best_of({"train": step, "eval": evaluate}, rounds)
+    train_tps = res["train"][1] / res["train"][0]
+    eval_tps = res["eval"][1] / res["eval"][0]
+    f = flops_per_token(args, 8, T, share)
+    out = {"train": train_tps, "eval": eval_tps, "flops": f, "gflops": f * train_tps / 1e9,
+           "eval_gflops": flops_per_token(args, 8, T, share, train=False) * eval_tps / 1e9, "T": T}
+    if hf and name in ("width-384", "smollm2-135M"):
+        out["hf"] = hf_train_tps(args, T, threads, rounds)
+    return out
+
+
+def hf_train_tps(args, T, threads, rounds, batch=4):
+    """Hugging Face transformers' LlamaForCausalLM (sdpa attention) at the same shapes, forward + backward with the
+    base frozen and a trainable rank-8 adapter on every projection (peft's LoRA), full-vocabulary logits at every
+    position and the loss over all of them: tokens/s. None where transformers or peft is not installed."""
+    try:
+        import transformers
+        import peft
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    hcfg = transformers.LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim,
+                                    intermediate_size=llama.ffn_hidden_dim(args), num_hidden_layers=args.n_layers,
+                                    num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+                                    max_position_embeddings=max(T, 256), rms_norm_eps=args.norm_eps,
+                                    rope_theta=args.rope_theta, tie_word_embeddings=args.tie_embeddings,
+                                    attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(hcfg), peft.LoraConfig(
+        r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]))
+    model.train()
+    tokens = torch.randint(0, args.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        return tokens.numel()
+    t, n = best_of({"hf": step}, rounds)["hf"]
+    return n / t
+
+
+def ours_full_logits_tps(args, T, threads, rounds, batch=4):
+    """This project's model at the same shapes and the same work as hf_train_tps: logits at every position."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = llama.Transformer(args)
+    llama.add_lora(model, r=8, lora_alpha=16, rslora=True)
+    llama.mark_only_lora_trainable(model)
+    model.train()
+    tokens = torch.randint(0, args.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        lora_da.sequence_losses(model(tokens), torch.roll(tokens, -1, 1)).mean().backward()
+        return tokens.numel()
+    t, n = best_of({"ours": step}, rounds)["ours"]
+    return n / t
+
+
+def limit(models, threads_list, rounds):
+    print(f"\n== against the limit: torch {torch.__version__}, fp32, LoRA r=8 on all seven projections")
+    for threads in threads_list:
+        peak = matmul_peak(threads)
+        print(f"\n-- {threads} thread(s): torch's 2048x2048 fp32 matmul peaks at {peak:.1f} GFLOP/s")
+        print("| model | tokens/seq | train tok/s | FLOPs/token (train) | GFLOP/s | share of peak | eval tok/s | "
+              "eval share of peak |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in models:
+            r = limit_rows(name, threads, rounds)
+            print(f"| {name} | {r['T']} | {r['train']:,.0f} | {r['flops'] / 1e6:,.1f} M | {r['gflops']:.1f} | "
+                  f"{r['gflops'] / peak:.0%} | {r['eval']:,.0f} | {r['eval_gflops'] / peak:.0%} |")
+        for name, args, T in (("width-384, FFN 1024", WIDE, 256),
+                              ("SmolLM2-135M's shapes", llama.PRESETS["smollm2-135M"], 256)):
+            hf = hf_train_tps(args, T, threads, rounds)
+            ours = ours_full_logits_tps(args, T, threads, rounds)
+            if hf is None:
+                print(f"  {name}, 4 x {T} tokens, full logits: ours {ours:,.0f} tok/s; transformers + peft not "
+                      f"installed, no comparison")
+            else:
+                print(f"  {name}, 4 x {T} tokens, full logits, alternated: ours {ours:,.0f} tok/s, transformers + "
+                      f"peft {hf:,.0f} tok/s: {ours / hf:.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(llama.MODELS), action="append",
+    p.add_argument("--model", choices=sorted(llama.MODELS) + ["width-384"], action="append",
                    help="which real model (repeatable; default: both)")
     p.add_argument("--threads", type=int, action="append", help="torch threads (repeatable; default: 1 and 2)")
     p.add_argument("--batches", type=int, default=12, help="training batches of 32 per timed round (default: 12)")
@@ -244,7 +412,13 @@ def main():
     p.add_argument("--check-steps", type=int, default=0,
                    help="also train this many steps with fast and literal layers and compare the losses")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (about a minute per model)")
+    p.add_argument("--limit", action="store_true", help="only the table against the matmul peak: stories260K, "
+                   "babyllama936K, a width-384 model and SmolLM2-135M, and transformers where it is installed")
     args = p.parse_args()
+    if args.limit:
+        limit(args.model or ["stories260K", "babyllama936K", "width-384", "smollm2-135M"], args.threads or [1, 2],
+              max(args.rounds, 1))
+        return
     for name in args.model or ["stories260K", "babyllama936K"]:
         cfg = train.get_args(["--model", name])
         setup = train.load(cfg, log=lambda *a: None)

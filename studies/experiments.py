@@ -34,19 +34,28 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing as mp
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent        # studies/: this runner, its results
 ROOT = HERE.parent                            # the core: train.py, lora_da.py, llama.py
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))  # planted.py beside this runner
 import checkpoints  # noqa: E402
+import llama  # noqa: E402
+import lora_da  # noqa: E402
+import peers  # noqa: E402
+import plots  # noqa: E402
+import planted  # noqa: E402
 import train  # noqa: E402
 
 
@@ -289,6 +298,10 @@ STUDIES = {
     "mechanism": Study("sst2", (), (), (), (), (),
                        question="Where does each init put A: how much of each layer's input energy its rows capture, "
                                 "against the damping and the shift's rank?"),
+    "planted": Study("sst2", (), (), (), (), (),
+                     question="Open question 1 with the truth known: does LoRA-DA's estimate find a planted target "
+                              "shift, and its row space, as the shift grows from far inside the local regime to far "
+                              "outside it?"),
 }
 
 
@@ -321,7 +334,6 @@ def load_runs(out: Path) -> dict:
 def execute(job):
     """One run in a worker process (one thread): train.run, then its JSON, written atomically."""
     name, args, out = job
-    import torch
     torch.set_num_threads(1)
     cfg = train.get_args(args)
     scratch = out / "scratch" / name
@@ -403,7 +415,6 @@ def run_all(jobs, out: Path, n_jobs: int, label: str, shared=None):
     if n_jobs == 1:
         results = map(execute, todo)
     else:
-        import multiprocessing as mp
         pool = mp.get_context("spawn").Pool(n_jobs, initializer=_one_thread)
         results = pool.imap_unordered(execute, todo)
     for name, seconds in results:
@@ -684,7 +695,7 @@ def write(path: Path, text: str):
 
 
 def plot_selection(study, runs, chosen, path):
-    plt = train.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in study.groups:
         xs, ys = [], []
@@ -699,12 +710,12 @@ def plot_selection(study, runs, chosen, path):
            title=f"{study.task}: learning-rate selection on the validation split")
     ax.legend(fontsize=7 if len(study.groups) > 6 else 8)
     fig.tight_layout()
-    train.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def plot_axis(study, acc, path):
     """Test accuracy (mean ± 95% CI) against the study's axis (|S|, N, r), one line per series."""
-    plt = train.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
     for c in study.cells:
@@ -717,12 +728,12 @@ def plot_axis(study, acc, path):
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    train.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def plot_cells(study, acc, path):
     """Test accuracy (mean ± 95% CI) per cell, for studies without an axis (ablation, frozen-a)."""
-    plt = train.pyplot()
+    plt = plots.pyplot()
     names = [c.name for c in study.cells if c.name in acc and len(acc[c.name]) >= 2]
     stats = [mean_ci(list(acc[n].values())) for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 4))
@@ -731,13 +742,13 @@ def plot_cells(study, acc, path):
     ax.title.set_fontsize(9)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
-    train.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def convergence(study, runs, out: Path) -> str:
     """Dev accuracy and training loss against steps at each method's chosen rate (the report runs), and the
     steps each needs to come within 1 point of its own final accuracy: the paper's "faster convergence"."""
-    plt = train.pyplot()
+    plt = plots.pyplot()
     chosen = select_lrs(study, runs)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
     lines = ["# convergence: the report runs of `baselines`, each method at its chosen rate", "",
@@ -772,7 +783,7 @@ def convergence(study, runs, out: Path) -> str:
     a2.legend(fontsize=8)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
-    train.save_figure(fig, out / "convergence.png")
+    plots.save_figure(fig, out / "convergence.png")
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
     return text
@@ -786,7 +797,6 @@ def convergence(study, runs, out: Path) -> str:
 def init_only(args, method, out: Path, extra=()):
     """One initialization through train.run --init-only (the code path every run takes); returns its report
     and its LoRA factors {layer: {"A", "B"}}."""
-    import tempfile
     cfg = train.get_args(list(args) + list(extra) + ["--init", method, "--init-only"])
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet:
         log = (lambda *a: print(*a, file=quiet))
@@ -808,7 +818,6 @@ def ratios(report, alpha, beta):
 
 def samples_extra(study, runs, chosen, out):
     """How fast the subspace settles: the largest principal angle between A0 from |S| samples and from 1024."""
-    import lora_da
 
     def compute():
         res = {}
@@ -834,7 +843,7 @@ def scarcity_extra(study, runs, chosen, out):
     lines = ["## 4. The variance term against the bias term at LoRA-DA's chosen A0: β·variance/(α·bias) over "
              "the 35 layers, median [max]; the variance coefficient is tr(Y⁻¹)/N with N the real training-set size", "",
              "| N | β = 0.03 | β = 1 |", "|---|---|---|"]
-    plt = train.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in study.cells:
         if c.method != "da" or "beta" in c.name:
@@ -850,7 +859,7 @@ def scarcity_extra(study, runs, chosen, out):
     ax.set(xscale="log", yscale="log", xlabel="training sentences N", ylabel="β·variance / bias at β = 1, per layer",
            title="variance/bias per layer (β = 0.03: divide by 33)")
     fig.tight_layout()
-    train.save_figure(fig, out / "ratio.png")
+    plots.save_figure(fig, out / "ratio.png")
     return lines
 
 
@@ -883,7 +892,6 @@ def frozen_extra(study, runs, chosen, out):
 def generated_stories(path: Path, n=256, max_new=200, seed=0):
     """The pretraining domain at hand: n stories sampled from stories260K itself (temperature 1), one per line.
     The model's own distribution is as near to its pretraining as a task can be."""
-    import torch
     cfg = train.get_args([])
     setup = _setup(cfg, lambda *a: None)
     gen, lines = torch.Generator().manual_seed(seed), []
@@ -898,7 +906,6 @@ def generated_stories(path: Path, n=256, max_new=200, seed=0):
 def base_nll(setup, n=256):
     """The base model's mean cross-entropy per token over every token of the first n training examples (prompt
     and answer): how surprising the task's text is to the pretrained model."""
-    import torch
     total, count = 0.0, 0
     with torch.no_grad():
         for p, a in setup.task.encoded["train"][:n]:
@@ -955,7 +962,7 @@ def distance(out: Path) -> str:
                      f"{np.median(rel):.3g} [{min(rel):.3g}, {max(rel):.3g}] | {gain} |")
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
-    plt = train.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, (label, r) in enumerate(norms.items()):
         ax.scatter([r["nll"]] * len(r["rel_shift"]), r["rel_shift"], s=10, alpha=0.6, label=label, color=f"C{k}")
@@ -963,7 +970,7 @@ def distance(out: Path) -> str:
            title="estimated shift against distance from pretraining")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    train.save_figure(fig, out / "distance.png")
+    plots.save_figure(fig, out / "distance.png")
     return text
 
 
@@ -1087,8 +1094,6 @@ def mechanism(out: Path) -> str:
     """Per layer of each real model, from the 256 init samples at W0: the share of the layer's input energy
     that each init's row space captures, tr(A Z Aᵀ)/tr(Z) for orthonormal rows (a random r-subspace: r/d_in on
     average); Z's spectrum and Y's median against the damping λ; the stable rank ‖ΔW‖²_F/σ² of the shift."""
-    import torch
-    import lora_da
 
     def compute(res):
         """Fills in what the committed mechanism.json lacks (a model, or a method's shares), nothing else."""
@@ -1105,7 +1110,7 @@ def mechanism(out: Path) -> str:
             st = lora_da.kfac_statistics(base, samples, lora_da.causal_lm_losses, layers, batch_size=16)
             rows = have
             ref = train.lora_model(cfg, setup)
-            lora_da.initialize(ref, "da", samples, cfg=train.init_config(cfg, cfg.seed, len(setup.task.train)))
+            lora_da.initialize_da(ref, samples, cfg=train.init_config(cfg, cfg.seed, len(setup.task.train)))
             reference = {n: m.lora_A.detach().clone() for n, m in lora_da.lora_targets(ref).items()}
             for name in layers:
                 Z, Y = st.Z[name].double(), st.Y[name].double()
@@ -1120,7 +1125,7 @@ def mechanism(out: Path) -> str:
                 base_method, extra = MECHANISM_ARGS.get(method, (method, ()))
                 mcfg = train.get_args(["--model", model, *extra])
                 model_ = train.lora_model(mcfg, setup)
-                report = lora_da.initialize(model_, base_method, samples,
+                report = peers.initialize_model(model_, base_method, samples,
                                             cfg=train.init_config(mcfg, mcfg.seed, len(setup.task.train)))
                 for name, m in lora_da.lora_targets(model_).items():
                     A0 = torch.linalg.qr(m.lora_A.detach().double().T)[0]            # (d_in, r), orthonormal
@@ -1177,7 +1182,7 @@ def mechanism(out: Path) -> str:
                      " | ".join(g([x["angle_to_da"][f"da-rel{k}"] for x in L_]) for k in ("1e-3", "1e-2", "1e-1")) + " |")
     text = "\n".join(lines) + "\n"
     write(out / "table.md", text)
-    plt = train.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, len(res), figsize=(6.5 * len(res), 4), squeeze=False)
     for ax, (model, rm) in zip(axes[0], res.items()):
         names = list(rm["layers"])
@@ -1188,12 +1193,11 @@ def mechanism(out: Path) -> str:
                ylabel="tr(A Z Aᵀ)/tr(Z)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    train.save_figure(fig, out / "mechanism.png")
+    plots.save_figure(fig, out / "mechanism.png")
     return text
 
 
 def llama_models():
-    import llama
     return tuple(llama.MODELS)
 
 
@@ -1239,6 +1243,11 @@ def main(argv=None):
         return
     if a.study == "mechanism":  # measurements of the inits alone, on both real models
         print(mechanism(out))
+        return
+    if a.study == "planted":  # a known target shift: the estimate and the subspaces against the truth
+        if not a.aggregate:
+            planted.run_map(out)
+        print(planted.aggregate(out))
         return
     if study.of:  # convergence: read the runs of another study, run nothing
         print(convergence(STUDIES[study.of[0]], load_runs(RESULTS / study.of[0]), out))

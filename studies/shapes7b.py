@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 import checkpoints  # noqa: E402
 import llama  # noqa: E402
 import lora_da  # noqa: E402
+import peers  # noqa: E402
+import tasks  # noqa: E402
 import train  # noqa: E402
 
 
@@ -180,7 +182,7 @@ def gpu_check(data, depth, threads, device="cuda", shape=None):
     A = {}
     for dev in ("cpu", device):
         model = train.lora_model(cfg, setup).to(dev)
-        lora_da.initialize(model, "da", [{k: v.to(dev) for k, v in s.items()} for s in samples],
+        lora_da.initialize_da(model, [{k: v.to(dev) for k, v in s.items()} for s in samples],
                            cfg=train.init_config(cfg, cfg.seed, len(setup.task.train)))
         A[dev] = {n: (m.lora_A.detach().cpu().double(), m.lora_B.detach().cpu().double())
                   for n, m in lora_da.lora_targets(model).items()}
@@ -211,9 +213,9 @@ def main():
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same layout (the test's: seconds)")
     a = p.parse_args()
     cfg = train.get_args(["--data-dir", a.data_dir] if a.data_dir else [])
-    data = next((d for d in train.data_dirs(cfg) if (d / "tokenizer32k" / "tokenizer.model").is_file()), None)
+    data = next((d for d in tasks.data_dirs(cfg) if (d / "tokenizer32k" / "tokenizer.model").is_file()), None)
     if data is None:
-        sys.exit(f"tokenizer32k/tokenizer.model not found in {', '.join(map(str, train.data_dirs(cfg)))}")
+        sys.exit(f"tokenizer32k/tokenizer.model not found in {', '.join(map(str, tasks.data_dirs(cfg)))}")
     shape = TINY if a.tiny else None
     if a.gpu_check:
         if not torch.cuda.is_available() and not a.tiny:

@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_values.py", "tests/test_lora_da.py", "tests/test_theory.py", "tests/test_llama.py"]
+TESTS = ["tests/test_values.py", "tests/test_lora_da.py", "tests/test_survivors.py", "tests/test_theory.py",
+         "tests/test_llama.py", "tests/test_train.py", "tests/test_distributed.py"]
 
 MUTANTS = [  # name, file, the exact original text, its replacement
     ("folded LoRA layer without the scale s", "llama.py",
@@ -40,7 +41,7 @@ MUTANTS = [  # name, file, the exact original text, its replacement
     ("padding tokens summed into Z, token count unchanged", "lora_da.py",
      "                    Z[name].add_(xm.T @ xm)",
      "                    Z[name].add_(x.reshape(-1, d_in).T @ x.reshape(-1, d_in))"),
-    ("LoRA-One uses all samples instead of its 8", "lora_da.py",
+    ("LoRA-One uses all samples instead of its 8", "peers.py",
      'SAMPLES_USED = {"ga": "ga_samples", "one": "one_samples"}', 'SAMPLES_USED = {"ga": "ga_samples"}'),
     ("LoRA's A from U(0, 1/sqrt(d_in)) instead of U(-1/sqrt(d_in), 1/sqrt(d_in))", "lora_da.py",
      "A = (torch.rand(r, d_in, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)",
@@ -64,7 +65,7 @@ MUTANTS = [  # name, file, the exact original text, its replacement
     ("the random control's direction from another seed than LoRA's", "lora_da.py",
      "A = lora_init(d_out, d_in, r, torch.Generator().manual_seed(seed))[0]",
      "A = lora_init(d_out, d_in, r, torch.Generator().manual_seed(seed + 1))[0]"),
-    ("the whitened subspace not mapped back by Z^(-1/2)", "lora_da.py",
+    ("the whitened subspace not mapped back by Z^(-1/2)", "peers.py",
      "    A0, _ = torch.linalg.qr(Zih @ V_r)", "    A0, _ = torch.linalg.qr(V_r)"),
     ("N - r instead of N - r - 1 in synthetic.lora_fa_excess_risk", "synthetic.py",
      "(self.W0.shape[0] + bias) * r / (N - r - 1)", "(self.W0.shape[0] + bias) * r / (N - r)"),
@@ -72,18 +73,28 @@ MUTANTS = [  # name, file, the exact original text, its replacement
      "Z - ZA @ torch.linalg.solve(A0.T @ ZA, ZA.T)", "Z - Z @ A0 @ A0.T @ Z"),
     ("a rounded rank-deficient Z damped without clipping its negative eigenvalues", "lora_da.py",
      "(V * evals.clamp_min(0)) @ V.T + damping * eye", "(V * evals) @ V.T + damping * eye"),
-    ("MiLoRA's minor singular values on the major directions", "lora_da.py",
+    ("MiLoRA's minor singular values on the major directions", "peers.py",
      "    return (root[:, None] * Vh[-r:]).float(), (U[:, -r:] * root).float()",
      "    return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()"),
-    ("CorDA normalized by the batch's largest input instead of each sample's", "lora_da.py",
+    ("CorDA normalized by the batch's largest input instead of each sample's", "peers.py",
      "peak = x.masked_fill(~attended[..., None], -math.inf).amax(dim=(1, 2)).abs()",
      "peak = x.masked_fill(~attended[..., None], -math.inf).amax().abs().expand(bsz)"),
-    ("CorDA's A without the C^-1 that maps W0 C's directions back", "lora_da.py",
+    ("CorDA's A without the C^-1 that maps W0 C's directions back", "peers.py",
      "(root[:, None] * (Vh[:r] @ Cinv)).float()", "(root[:, None] * Vh[:r]).float()"),
-    ("EVA's PCA without centring", "lora_da.py",
+    ("EVA's PCA without centring", "peers.py",
      '"cov": S2[o] / n_tokens - torch.outer(mean, mean)', '"cov": S2[o] / n_tokens'),
-    ("EVA's label mask ignored", "lora_da.py",
-     'token_mask=cfg.eva_token_mask if method == "eva" else "all"', 'token_mask="all"'),
+    ("CorDA's covariance divided by the token count instead of the sample count", "peers.py",
+     '"C": C[o] / n_samples,', '"C": C[o] / n_tokens,'),
+    ("the whitened init with its two dampings swapped", "peers.py",
+     "Zih, Yih = inverse_sqrt(Z, lam_z), inverse_sqrt(Y, lam_y)", "Zih, Yih = inverse_sqrt(Z, lam_y), inverse_sqrt(Y, lam_z)"),
+    ("the model-level init passing the run's seed instead of each layer's", "lora_da.py",
+     "seed=layer_seed(cfg.seed, name), name=name)", "seed=cfg.seed, name=name)"),
+    ("EVA's first moment not reduced across processes", "peers.py",
+     "for t in (C[name], S1[name], S2[name])]", "for t in (C[name], S2[name])]"),
+    ("the verbalizer predicting the other word", "tasks.py",
+     "pred = (logp[:, 1] > logp[:, 0]).long().cpu()", "pred = (logp[:, 0] > logp[:, 1]).long().cpu()"),
+    ("EVA's label mask ignored", "peers.py",
+     'token_mask=peer.eva_token_mask if method == "eva" else "all"', 'token_mask="all"'),
 ]
 
 

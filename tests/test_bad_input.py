@@ -1,4 +1,4 @@
-"""Bad input, as a table: each row is a command (train.py or llama.py) with one thing wrong, the exit it must
+"""Bad input, as a table: each row is a command (train.py or sample.py) with one thing wrong, the exit it must
 end with, and a fragment of the one-line message that says what was expected. No row may end in a traceback,
 and no refused run may leave an output folder behind."""
 import copy
@@ -103,35 +103,35 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("header-only train.tsv", "train.py", ["--data-dir", "{bad}/headeronly"] + FAST, "train.tsv: no examples after the header"),
     ("invalid utf-8", "train.py", ["--data-dir", "{bad}/utf8"] + FAST, "train.tsv:3: not valid UTF-8"),
     ("tokenizer not sentencepiece", "train.py", ["--tokenizer", "{bad}/tok.model"] + FAST, "not a sentencepiece .model file"),
-    ("tokenizer empty", "llama.py", ["--tokenizer", "{bad}/empty.model"], "not a sentencepiece .model file"),
-    ("empty checkpoint", "llama.py", ["--checkpoint", "{bad}/cut0.bin"], "cut0.bin: 0 bytes, too short"),
-    ("checkpoint 27 bytes", "llama.py", ["--checkpoint", "{bad}/cut27.bin"], "cut27.bin: 27 bytes, too short"),
+    ("tokenizer empty", "sample.py", ["--tokenizer", "{bad}/empty.model"], "not a sentencepiece .model file"),
+    ("empty checkpoint", "sample.py", ["--checkpoint", "{bad}/cut0.bin"], "cut0.bin: 0 bytes, too short"),
+    ("checkpoint 27 bytes", "sample.py", ["--checkpoint", "{bad}/cut27.bin"], "cut27.bin: 27 bytes, too short"),
     ("checkpoint 5000 bytes", "train.py", ["--checkpoint", "{bad}/cut5000.bin"], "cut5000.bin: 5000 bytes, expected"),
-    ("checkpoint 100 bytes short", "llama.py", ["--checkpoint", "{bad}/cut{cutlast}.bin"], "bytes, expected"),
-    ("random bytes", "llama.py", ["--checkpoint", "{bad}/random.bin"], "not a llama2.c legacy .bin"),
-    ("NaN weight", "llama.py", ["--checkpoint", "{bad}/nan.bin"], "weight layers.0.attention.wq.weight has NaN or inf"),
-    ("malicious pickle", "llama.py", ["--checkpoint", "{bad}/pickle"], "consolidated.00.pth: not a weights-only PyTorch checkpoint"),
+    ("checkpoint 100 bytes short", "sample.py", ["--checkpoint", "{bad}/cut{cutlast}.bin"], "bytes, expected"),
+    ("random bytes", "sample.py", ["--checkpoint", "{bad}/random.bin"], "not a llama2.c legacy .bin"),
+    ("NaN weight", "sample.py", ["--checkpoint", "{bad}/nan.bin"], "weight layers.0.attention.wq.weight has NaN or inf"),
+    ("malicious pickle", "sample.py", ["--checkpoint", "{bad}/pickle"], "consolidated.00.pth: not a weights-only PyTorch checkpoint"),
     ("params.json bad json", "train.py", ["--checkpoint", "{bad}/badjson", "--tokenizer", "{data}/" + TOK], "params.json: not valid JSON"),
-    ("params.json missing key", "llama.py", ["--checkpoint", "{bad}/nokey"], "params.json: missing key 'dim'"),
-    ("config.json missing key", "llama.py", ["--checkpoint", "{bad}/hf"], "config.json: missing key 'hidden_size'"),
-    ("heads do not divide", "llama.py", ["--checkpoint", "{bad}/heads"], "dim 64 is not divisible by n_heads 6"),
-    ("temperature nan", "llama.py", ["--temperature", "nan"], "--temperature must be finite"),
-    ("prompt fills the context", "llama.py", ["--prompt", "Once upon a time " * 200], "fills the model's context of 512"),
+    ("params.json missing key", "sample.py", ["--checkpoint", "{bad}/nokey"], "params.json: missing key 'dim'"),
+    ("config.json missing key", "sample.py", ["--checkpoint", "{bad}/hf"], "config.json: missing key 'hidden_size'"),
+    ("heads do not divide", "sample.py", ["--checkpoint", "{bad}/heads"], "dim 64 is not divisible by n_heads 6"),
+    ("temperature nan", "sample.py", ["--temperature", "nan"], "--temperature must be finite"),
+    ("prompt fills the context", "sample.py", ["--prompt", "Once upon a time " * 200], "fills the model's context of 512"),
     ("device cuda", "train.py", ["--device", "cuda"] + FAST, "no CUDA device"),
-    ("device cuda (llama)", "llama.py", ["--device", "cuda"], "no CUDA device"),
+    ("device cuda (sample)", "sample.py", ["--device", "cuda"], "no CUDA device"),
     ("device foo", "train.py", ["--device", "foo"], "--device 'foo' is not a device"),
-    ("device foo (llama)", "llama.py", ["--device", "foo"], "--device 'foo' is not a device"),
+    ("device foo (sample)", "sample.py", ["--device", "foo"], "--device 'foo' is not a device"),
     ("dropout 1", "train.py", ["--dropout", "1.0"], "--dropout must be a probability in [0, 1), got 1.0"),
     ("dropout 1.5", "train.py", ["--dropout", "1.5"], "--dropout must be a probability in [0, 1), got 1.5"),
     ("lora-alpha 0", "train.py", ["--lora-alpha", "0"], "--lora-alpha must be positive, got 0.0"),
     ("lora-alpha -1", "train.py", ["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
     ("init-data without init-only", "train.py", ["--init-data", "{bad}/long.txt"], "add --init-only"),
     ("a control without --init da", "train.py", ["--init", "lora", "--direction", "random"], "use them with --init da"),
-    ("HF rope_scaling", "llama.py", ["--checkpoint", "{bad}/rope_scaling"], "rope_scaling = {{'type': 'linear'"),
+    ("HF rope_scaling", "sample.py", ["--checkpoint", "{bad}/rope_scaling"], "rope_scaling = {{'type': 'linear'"),
     ("HF attention_bias", "train.py", ["--checkpoint", "{bad}/attention_bias", "--tokenizer", "{data}/" + TOK] + FAST,
      "attention_bias = True is not implemented"),
-    ("HF hidden_act", "llama.py", ["--checkpoint", "{bad}/gelu"], "hidden_act = 'gelu' is not implemented"),
-    ("HF tied but lm_head", "llama.py", ["--checkpoint", "{bad}/tied_but_lm_head"],
+    ("HF hidden_act", "sample.py", ["--checkpoint", "{bad}/gelu"], "hidden_act = 'gelu' is not implemented"),
+    ("HF tied but lm_head", "sample.py", ["--checkpoint", "{bad}/tied_but_lm_head"],
      "tie_word_embeddings is true but the files hold an lm_head.weight"),
 ]
 
@@ -200,7 +200,7 @@ def test_config_records_the_data_folder_actually_read(tmp_path, data):
 
 
 def test_help_shows_every_default():
-    for script in ("train.py", "llama.py"):
+    for script in ("train.py", "sample.py"):
         r = cli(script, "--help")
         assert r.returncode == 0
         text = " ".join(r.stdout.split())

@@ -9,7 +9,7 @@ import checkpoints
 import llama
 import lora_da as L
 import train
-from test_lora_da import padded_samples
+from helpers import padded_samples
 
 
 def bf16_stories(data):
@@ -48,7 +48,7 @@ def test_lora_da_init_of_a_bf16_base_matches_the_fp32_init_up_to_bf16_precision(
     for dtype, base in (("fp32", stories), ("bf16", bf16_stories(data))):
         model = base if dtype == "bf16" else checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin")
         layers = llama.add_lora(model, r=8, lora_alpha=16, rslora=True)
-        L.initialize(model, "da", samples, cfg=L.DAConfig(N=66349))
+        L.initialize_da(model, samples, cfg=L.DAConfig(N=66349))
         assert all(m.lora_A.dtype == m.lora_B.dtype == torch.float32 for m in layers.values())
         factors[dtype] = {n: (m.lora_A.detach().double(), m.lora_B.detach().double()) for n, m in layers.items()}
     angles, errors = [], []
@@ -63,7 +63,7 @@ def test_lora_da_init_of_a_bf16_base_matches_the_fp32_init_up_to_bf16_precision(
     # a different sample set moves the init far more than bf16 does: the bound has something to distinguish
     model = checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin")
     layers = llama.add_lora(model, r=8, lora_alpha=16, rslora=True)
-    L.initialize(model, "da", padded_samples(256, T=64, seed=7), cfg=L.DAConfig(N=66349))
+    L.initialize_da(model, padded_samples(256, T=64, seed=7), cfg=L.DAConfig(N=66349))
     other = [L.principal_angle(factors["fp32"][n][0], m.lora_A) for n, m in layers.items()]
     print(f"another sample set: principal angle median {median(other):.2f}°")
     assert median(other) > 2 * median(angles)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import tasks
 import train
 from studies import experiments as E
 
@@ -33,21 +34,21 @@ def test_mean_ci_and_paired_difference_by_hand():
 
 def test_validation_split_is_disjoint_from_training_and_fixed(data, tokenizer):
     cfg = train.get_args(["--val-size", "50", "--train-limit", "400", "--eval-limit", "8"])
-    task = train.Task(cfg, tokenizer, data, 512)
-    rows = train.read_sst2(data / "sst2" / "train.tsv")[:400]
+    task = tasks.Task(cfg, tokenizer, data, 512)
+    rows = tasks.read_sst2(data / "sst2" / "train.tsv")[:400]
     assert len(task.val) == 50 and len(task.train) == 350
     held = set(task.val_rows)
     assert task.val == [rows[i] for i in sorted(held)]
     assert task.train == [rows[i] for i in range(400) if i not in held]        # no overlap, nothing lost
-    again = train.Task(cfg, tokenizer, data, 512)
+    again = tasks.Task(cfg, tokenizer, data, 512)
     assert again.val_rows == task.val_rows                                       # the same split every time
 
 
 def test_the_runner_writes_skips_and_aggregates_and_selection_never_reads_the_test_set(tmp_path, monkeypatch, data):
     monkeypatch.setenv("LORA_DA_DATA", str(data))
     read = []
-    reader, files = train.TASK_FILES["sst2"]
-    monkeypatch.setitem(train.TASK_FILES, "sst2", (lambda path: read.append(path.name) or reader(path), files))
+    reader, files = tasks.TASK_FILES["sst2"]
+    monkeypatch.setitem(tasks.TASK_FILES, "sst2", (lambda path: read.append(path.name) or reader(path), files))
     monkeypatch.setattr(E, "_SETUPS", {})
     study = TINY
     sel = [(E.run_name(m, lr, s, "select"), E.run_args(study, m, lr, s, "select"), tmp_path)

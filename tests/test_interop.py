@@ -10,6 +10,7 @@ import torch
 import checkpoints
 import llama
 import lora_da as L
+import peers as P
 import train
 
 TOKENS = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -22,7 +23,7 @@ def trained(stories, method, steps=3):
     g = torch.Generator().manual_seed(1)
     samples = [{"tokens": t, "targets": torch.cat([t[1:], torch.tensor([-100])]), "attention_mask": torch.ones(24, dtype=torch.bool)}
                for t in torch.randint(3, 512, (8, 24), generator=g)]
-    L.initialize(model, method, samples, cfg=L.DAConfig(N=1000, stats_batch_size=4))
+    P.initialize_model(model, method, samples, cfg=L.DAConfig(N=1000, stats_batch_size=4))
     llama.mark_only_lora_trainable(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = L.collate(samples)
@@ -188,12 +189,12 @@ def peft_factors(stories, tmp_path, method, samples, r=4, alpha=16):
 
 
 def test_corda_equals_peft_corda(stories, tmp_path):
-    from test_lora_da import padded_samples
+    from helpers import padded_samples
     samples = padded_samples(32)
     theirs = peft_factors(stories, tmp_path, "corda", samples)
     model = copy.deepcopy(stories)
     layers = llama.add_lora(model, r=4, lora_alpha=16, rslora=True)
-    L.initialize(model, "corda", samples, cfg=L.DAConfig(N=1000))
+    P.initialize_model(model, "corda", samples, cfg=L.DAConfig(N=1000))
     for name, m in layers.items():
         A, B = m.lora_A.detach().double(), m.lora_B.detach().double()
         Ap, Bp = theirs[name]
@@ -206,13 +207,13 @@ def test_eva_captures_the_input_variance_peft_eva_captures(stories, tmp_path):
     """PEFT's randomized incremental PCA approximates the exact PCA used here: on near-equal eigenvalues its
     components differ (principal angles up to ~40°), but the centred input variance they capture is within
     0.1% of the maximum that the exact components reach (Ky Fan), which PEFT's never exceed."""
-    from test_lora_da import padded_samples
+    from helpers import padded_samples
     samples = padded_samples(32)
     theirs = peft_factors(stories, tmp_path, "eva", samples)
     model = copy.deepcopy(stories)
     layers = llama.add_lora(model, r=4, lora_alpha=16, rslora=True)
-    L.initialize(model, "eva", samples, cfg=L.DAConfig(N=1000, eva_token_mask="all"))
-    stats = L.input_statistics(stories, samples, L.causal_lm_losses,
+    P.initialize_model(model, "eva", samples, cfg=L.DAConfig(N=1000), peer=P.PeerConfig(eva_token_mask="all"))
+    stats = P.input_statistics(stories, samples, L.causal_lm_losses,
                                {n: dict(stories.named_modules())[n] for n in layers}, token_mask="all")
     angles = []
     for name, m in layers.items():

@@ -39,11 +39,11 @@ def test_greedy_sample_of_stories260K_matches_its_authors_documented_output(stor
 
 def test_cli_prints_the_golden_sample_and_refuses_bad_input_in_one_line(data):
     d = data / "stories260K"
-    ok = subprocess.run([sys.executable, "llama.py", "--checkpoint", str(d / "stories260K.bin"), "--tokenizer",
+    ok = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(d / "stories260K.bin"), "--tokenizer",
                          str(d / "tok512.model"), "--prompt", "Once upon a time", "--max-new-tokens", "40",
                          "--temperature", "0"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.startswith(GOLDEN), ok.stderr
-    bad = subprocess.run([sys.executable, "llama.py", "--checkpoint", "/nonexistent.bin"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "sample.py", "--checkpoint", "/nonexistent.bin"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0
     assert bad.stderr.count("\n") == 1 and "not found" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,12 +1,15 @@
 """lora_da.py as code: the statistics paths agree, the solve is deterministic, the peers are what their
 authors released, a model is initialized in place, and bad input is refused with the model untouched."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import llama
 import lora_da as L
+import peers as P
+from helpers import padded_samples
 
 
 def rel(a, b):
@@ -53,21 +56,6 @@ def test_loop_gradient_equals_the_exact_per_sample_gradients_and_one_sample_kfac
     for n, layer in layers.items():
         F, _ = L.exact_fisher(model, one, mlp_loss, layer)
         assert rel(torch.kron(st1.Y[n], st1.Z[n]), F) < 1e-5
-
-
-def padded_samples(n, T=24, seed=0, vocab=512):
-    """Right-padded sequences of different lengths, one label token each (an SST-2-like shape)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(6, T + 1, (), generator=g))
-        tokens = torch.full((T,), 2)
-        tokens[:length] = torch.randint(3, vocab, (length,), generator=g)
-        tokens[0] = 1
-        targets = torch.full((T,), -100)
-        targets[length - 2] = tokens[length - 1]  # the last token is the "label"
-        out.append({"tokens": tokens, "targets": targets, "attention_mask": torch.arange(T) < length})
-    return out
 
 
 def test_loop_batched_and_exact_fisher_agree_on_the_tiny_llama(stories):
@@ -174,10 +162,10 @@ def test_peer_factors_follow_their_papers():
     g = torch.Generator().manual_seed(0)
     W0, G = torch.randn(12, 20, generator=g), torch.randn(12, 20, generator=g)
     s, r = 16 / 8 ** 0.5, 4
-    A, B = L.pissa_init(W0, r, s)
+    A, B = P.pissa_init(W0, r, s)
     U, S, Vh = torch.linalg.svd(W0.double(), full_matrices=False)
     torch.testing.assert_close((s * B @ A).double(), U[:, :r] @ torch.diag(S[:r]) @ Vh[:r], atol=1e-5, rtol=1e-5)
-    A, B = L.lora_ga_init(G, r, gamma=16)
+    A, B = P.lora_ga_init(G, r, gamma=16)
     U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     c = 12 ** 0.25 / 4
     torch.testing.assert_close((A.double() @ A.double().T), c ** 2 * torch.eye(r, dtype=torch.float64), atol=1e-6, rtol=0)
@@ -185,7 +173,7 @@ def test_peer_factors_follow_their_papers():
     Pb, Pu = B.double() @ torch.linalg.pinv(B.double()), U[:, r:2 * r] @ U[:, r:2 * r].T
     torch.testing.assert_close(Pb, Pu, atol=1e-5, rtol=0)
     torch.testing.assert_close(A.double().T @ A.double() / c ** 2, Vh[:r].T @ Vh[:r], atol=1e-5, rtol=0)
-    A, B = L.lora_one_init(G, r, gamma=128)
+    A, B = P.lora_one_init(G, r, gamma=128)
     U, S, Vh = torch.linalg.svd(-G.double(), full_matrices=False)
     torch.testing.assert_close((B @ A).double(), U[:, :r] @ torch.diag(S[:r]) @ Vh[:r] / (S[0] * 128),
                                atol=1e-6, rtol=1e-5)
@@ -197,13 +185,13 @@ def test_milora_takes_the_minor_end_of_the_spectrum_that_pissa_leaves():
     g = torch.Generator().manual_seed(3)
     W0 = torch.randn(12, 20, generator=g, dtype=torch.float64)
     s, r = 16 / 8 ** 0.5, 4
-    A, B = L.milora_init(W0.float(), r, s)
+    A, B = P.milora_init(W0.float(), r, s)
     U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
     # s·B A is the rank-r part of W0 along its r smallest singular values, so W0 − s·B A keeps the top 12 − r
     torch.testing.assert_close((s * B @ A).double(), U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:], atol=1e-5, rtol=1e-5)
     assert L.principal_angle(A, Vh[-r:]) < 1e-2 and L.principal_angle(A, Vh[:r]) > 89
     with pytest.raises(ValueError, match="r <= min"):
-        L.milora_init(W0.float(), 13, s)
+        P.milora_init(W0.float(), 13, s)
 
 
 def layer_inputs(model, layer, samples):
@@ -220,11 +208,14 @@ def layer_inputs(model, layer, samples):
     return [x[0] for x in xs]
 
 
-def initialized(stories, method, samples, **cfg):
+def initialized(stories, method, samples, **settings):
+    """settings: DAConfig's (the statistics pass) and PeerConfig's (the peer's own), by name."""
     model = copy.deepcopy(stories)
     layers = llama.add_lora(model, r=4, lora_alpha=16, rslora=True)
-    report = L.initialize(model, method, samples, cfg=L.DAConfig(N=1000, **cfg))
-    return model, layers, report
+    peer_fields = {f.name for f in dataclasses.fields(P.PeerConfig)}
+    cfg = L.DAConfig(N=1000, **{k: v for k, v in settings.items() if k not in peer_fields})
+    peer = P.PeerConfig(**{k: v for k, v in settings.items() if k in peer_fields})
+    return model, layers, P.initialize_model(model, method, samples, cfg=cfg, peer=peer)
 
 
 def test_corda_residual_is_the_best_rank_r_residual_of_W0_times_the_per_sample_normalized_covariance(stories):
@@ -281,7 +272,7 @@ def test_step_zero_output_equals_the_base_model_exactly_when_the_method_says_so(
     model = copy.deepcopy(stories)
     llama.add_lora(model, r=4, lora_alpha=16, rslora=True)
     samples = padded_samples(8)
-    L.initialize(model, method, samples, cfg=L.DAConfig(N=1000))
+    P.initialize_model(model, method, samples, cfg=L.DAConfig(N=1000))
     tokens = torch.stack([s["tokens"] for s in samples[:2]])
     with torch.no_grad():
         gap = (model(tokens) - base(tokens)).abs().max().item()
@@ -296,7 +287,7 @@ def test_initialize_da_writes_every_layer_and_reports_each_stage(stories):
     layers = llama.add_lora(model, r=4, lora_alpha=16, rslora=True)
     samples = padded_samples(8)
     W0 = {n: m.base.weight.clone() for n, m in layers.items()}
-    rep = L.initialize(model, "da", samples, cfg=L.DAConfig(N=1000, layers_per_pass=2, stats_batch_size=4))
+    rep = L.initialize_da(model, samples, cfg=L.DAConfig(N=1000, layers_per_pass=2, stats_batch_size=4))
     assert set(rep["layers"]) == set(layers)
     assert {"statistics", "solve", "write", "total"} <= set(rep["seconds"])
     for n, m in layers.items():
@@ -307,7 +298,7 @@ def test_initialize_da_writes_every_layer_and_reports_each_stage(stories):
     # grouping the statistics passes changes nothing
     other = copy.deepcopy(stories)
     llama.add_lora(other, r=4, lora_alpha=16, rslora=True)
-    L.initialize(other, "da", samples, cfg=L.DAConfig(N=1000, stats_batch_size=4))
+    L.initialize_da(other, samples, cfg=L.DAConfig(N=1000, stats_batch_size=4))
     for n, m in L.lora_targets(other).items():
         torch.testing.assert_close(m.lora_B, layers[n].lora_B, atol=1e-6, rtol=1e-4)
 
@@ -364,14 +355,14 @@ def test_failed_initialization_leaves_the_model_untouched(stories):
     layers = llama.add_lora(model, r=4, lora_alpha=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="damping must be > 0"):
-        L.initialize(model, "da", padded_samples(4), cfg=L.DAConfig(damping=0.0))
+        L.initialize_da(model, padded_samples(4), cfg=L.DAConfig(damping=0.0))
     with pytest.raises(ValueError, match="empty sample set"):
-        L.initialize(model, "da", [], cfg=L.DAConfig())
+        L.initialize_da(model, [], cfg=L.DAConfig())
     with torch.no_grad():
         layers["layers.2.feed_forward.w1"].base.weight[0, 0] = float("nan")
     before["layers.2.feed_forward.w1.base.weight"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="layers.2.feed_forward.w1"):
-        L.initialize(model, "da", padded_samples(4), cfg=L.DAConfig())
+        L.initialize_da(model, padded_samples(4), cfg=L.DAConfig())
     after = model.state_dict()
     # equal, NaN where the planted NaN is (torch.equal is False for any tensor holding a NaN)
     assert all(torch.equal(before[k].isnan(), after[k].isnan()) for k in before)
@@ -409,7 +400,7 @@ def test_the_whitened_init_is_lora_da_with_only_the_direction_changed():
     changes only A0: orthonormal rows spanning Z^(-1/2) V_r (Eq. 16), another subspace than Eq. 10's."""
     G, Z, Y = random_stats()
     cfg = L.DAConfig(N=100)
-    da, wh = L.lora_da_solve(G, Z, Y, 4, cfg), L.whitened_solve(G, Z, Y, 4, cfg)
+    da, wh = L.lora_da_solve(G, Z, Y, 4, cfg), P.whitened_solve(G, Z, Y, 4, cfg)
     A0 = wh["A0"]
     torch.testing.assert_close(A0.T @ A0, torch.eye(4, dtype=A0.dtype), atol=1e-10, rtol=0)
     torch.testing.assert_close(wh["lora_A"].double(), A0.T / cfg.gamma ** 0.5, atol=1e-7, rtol=1e-6)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lora_da as L
+import peers
 import synthetic as S
 
 EXACT = 1e-12  # damping for population quantities: keep the formulas exact
@@ -361,8 +362,8 @@ def test_the_whitened_gradient_subspace_minimizes_the_excess_risk_bias():
     gen = torch.Generator().manual_seed(2)
     assert min(P.excess_risk_bias(S.random_orthonormal(5, r, gen)) for _ in range(20000)) >= \
         P.excess_risk_bias(A_star) * (1 - 1e-9)
-    # the estimator of lora_da.py, handed the population statistics, finds the same subspace
-    A_l = L.whitened_gradient_subspace(P.G(), P.Sigma_x, P.Y, r, EXACT)
+    # the estimator of peers.py, handed the population statistics, finds the same subspace
+    A_l = peers.whitened_gradient_subspace(P.G(), P.Sigma_x, P.Y, r, EXACT)
     torch.testing.assert_close(A_l @ A_l.T, A_star @ A_star.T, atol=1e-8, rtol=0)
     ratios = []
     for seed in range(200):

@@ -9,6 +9,7 @@ import torch
 import checkpoints
 import llama
 import lora_da
+import tasks
 import train
 from conftest import ROOT
 
@@ -94,17 +95,17 @@ def test_dry_run_of_llama2_7b_reports_its_size_without_allocating(capsys):
 
 def test_truncation_is_from_the_left_of_the_prompt_and_counted(data):
     tok = llama.Tokenizer(data / "stories260K" / "tok512.model")
-    q, a = train.read_gsm8k(data / "gsm8k" / "train.jsonl")[0]
+    q, a = tasks.read_gsm8k(data / "gsm8k" / "train.jsonl")[0]
     full = tok.encode(f"Q: {q}\nA: ", bos=True)
     answer = tok.encode(a, bos=False, eos=True)
     room = len(answer) + 12  # the answer fits, the prompt does not
     cfg = train.get_args(["--task", "gsm8k", "--max-len", str(room), "--eval-limit", "3", "--train-limit", "1"])
-    task = train.Task(cfg, tok, data, 512)
+    task = tasks.Task(cfg, tok, data, 512)
     prompt, kept = task.encode("train", 0)
     assert kept == answer and len(prompt) == 12 and prompt[0] == tok.bos_id
     assert prompt[1:] == full[-11:]  # the end of the prompt (up to "\nA: ") survives, its start is cut
     assert task.truncated["train"] == 1
-    assert train.final_number("so 3 + 4 = 7\n#### 1,234") == 1234.0
+    assert tasks.final_number("so 3 + 4 = 7\n#### 1,234") == 1234.0
 
 
 @pytest.mark.parametrize("args,message", [
@@ -128,7 +129,7 @@ def test_missing_data_lists_each_file_with_its_url_and_sha256(monkeypatch, tmp_p
     monkeypatch.setattr(train, "data_dirs", lambda cfg: [tmp_path])
     cfg = train.get_args(["--task", "gsm8k"])
     with pytest.raises(train.UsageError) as e:
-        train.find_data(cfg, ["gsm8k/train.jsonl", "gsm8k/test.jsonl"])
+        tasks.find_data(cfg, ["gsm8k/train.jsonl", "gsm8k/test.jsonl"])
     msg = str(e.value)
     assert "gsm8k/train.jsonl  from https://raw.githubusercontent.com/openai/grade-school-math" in msg
     assert "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465" in msg and "--download" in msg
@@ -152,10 +153,10 @@ def test_corrupt_checkpoint_and_nan_loss_fail_cleanly_and_keep_the_earlier_check
 def test_decode_limit_decodes_only_the_first_problems_and_keeps_the_loss(data, tokenizer, stories):
     # claim: --decode-limit changes which GSM8K problems are decoded, never the loss over the whole split
     cfg = train.get_args(["--task", "gsm8k", "--max-len", "160", "--eval-limit", "3", "--train-limit", "1"])
-    task = train.Task(cfg, tokenizer, data, 512)
-    full = train.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=-1)
-    one = train.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=1)
-    none = train.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=0)
+    task = tasks.Task(cfg, tokenizer, data, 512)
+    full = tasks.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=-1)
+    one = tasks.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=1)
+    none = tasks.evaluate(stories, task, "test", tokenizer, "cpu", decode=True, decode_limit=0)
     assert full["decoded"] == 3 and one["decoded"] == 1 and "decoded" not in none
     assert none["accuracy"] is None and 0 <= one["accuracy"] <= 1
     assert full["loss"] == one["loss"] == none["loss"]
@@ -163,12 +164,12 @@ def test_decode_limit_decodes_only_the_first_problems_and_keeps_the_loss(data, t
 
 def test_train_size_trains_on_the_head_of_what_the_validation_split_leaves(data, tokenizer):
     # claim: --train-size N keeps the same validation split and trains on the first N of the remaining rows
-    base = train.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--eval-limit", "8"]), tokenizer, data, 512)
-    small = train.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--eval-limit", "8",
+    base = tasks.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--eval-limit", "8"]), tokenizer, data, 512)
+    small = tasks.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--eval-limit", "8",
                                        "--train-size", "64"]), tokenizer, data, 512)
     assert small.val == base.val and small.train == base.train[:64]
     with pytest.raises(train.UsageError, match="--train-size 351 is more than the 350 training examples"):
-        train.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--train-size", "351"]), tokenizer, data, 512)
+        tasks.Task(train.get_args(["--val-size", "50", "--train-limit", "400", "--train-size", "351"]), tokenizer, data, 512)
 
 
 def test_a_run_records_how_far_A_moved_and_frozen_A_does_not_move(tmp_path, data):
@@ -197,7 +198,7 @@ def test_whole_word_verbalizer_scores_the_sum_of_the_words_tokens_and_unk_is_cou
     assert [len(w) for w in task.words] == [4, 6] and task.whole_word
     assert task.max_len == 256 and task.unknown["test"] >= len(task.test)  # one newline per prompt at least
     idx = list(range(8))
-    logp, n = train.word_logprobs(model, task, "test", idx, tok.pad_id, "cpu")
+    logp, n = tasks.word_logprobs(model, task, "test", idx, tok.pad_id, "cpu")
     logp = logp.T
     assert n.tolist() == [[4, 6]] * len(idx)
     with torch.no_grad():
@@ -208,9 +209,13 @@ def test_whole_word_verbalizer_scores_the_sum_of_the_words_tokens_and_unk_is_cou
                 lp = torch.log_softmax(model(seq[:, :-1])[0].float(), -1)
                 hand = sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(task.words[k]))
                 assert logp[k][j].item() == pytest.approx(hand, abs=1e-4)
-    ev = train.evaluate(model, task, "test", tok, "cpu")
-    pred = [int(logp[1][j] > logp[0][j]) for j in idx]
-    assert ev["accuracy"] is not None and 0 <= ev["accuracy"] <= 1
+    ev = tasks.evaluate(model, task, "test", tok, "cpu")
+    # the accuracy is the hand count of examples whose own label word has the larger summed log-probability
+    every = list(range(len(task.test)))
+    lp_all = tasks.word_logprobs(model, task, "test", every, tok.pad_id, "cpu")[0]   # (n, 2)
+    hand = sum(int((lp_all[j, 1] > lp_all[j, 0]).item()) == task.test[j][1] for j in every) / len(every)
+    assert ev["accuracy"] == hand and 0 < hand < 1
+    assert ev["predicted_positive"] == sum(int((lp_all[j, 1] > lp_all[j, 0]).item()) for j in every) / len(every)
     # the loss is the answer word's mean negative log-probability, as a pass with the answers scores it
     b = task.batch("test", range(len(task.test)), tok.pad_id)
     with torch.no_grad():
@@ -218,7 +223,6 @@ def test_whole_word_verbalizer_scores_the_sum_of_the_words_tokens_and_unk_is_cou
     assert ev["loss"] == pytest.approx(reference.item(), rel=1e-5)
     b = task.batch("train", range(len(task.train)), tok.pad_id)
     assert (b["tokens"] == tok.unk_id).any() and not (b["targets"] == tok.unk_id).any()
-    assert pred == [int(x) for x in (logp[1] > logp[0]).tolist()]
 
 
 def test_words_with_distinct_first_tokens_are_scored_by_them_as_in_every_committed_study(data, tokenizer, stories):
@@ -226,7 +230,7 @@ def test_words_with_distinct_first_tokens_are_scored_by_them_as_in_every_committ
     compares those two logits at the answer position (the rule of the committed stories260K studies), and the
     prompts keep the room they always had; babyllama936K's words begin alike and are scored whole (above)."""
     cfg = train.get_args(["--train-limit", "40", "--eval-limit", "32"])
-    task = train.Task(cfg, tokenizer, data, 512)
+    task = tasks.Task(cfg, tokenizer, data, 512)
     assert [len(w) for w in task.words] == [2, 1] and not task.whole_word and task.max_len == 128
     assert task.unknown == {"train": 0, "val": 0, "test": 0}  # byte fallback: nothing is unknown
     b = task.batch("test", range(32), tokenizer.pad_id)
@@ -235,7 +239,7 @@ def test_words_with_distinct_first_tokens_are_scored_by_them_as_in_every_committ
     first = scored.sum(1).cumsum(0) - scored.sum(1)
     pred = (logits[first][:, task.words[1][0]] > logits[first][:, task.words[0][0]]).long()
     correct = int((pred == torch.tensor([y for _, y in task.test[:32]])).sum())
-    assert train.evaluate(stories, task, "test", tokenizer, "cpu")["accuracy"] == correct / 32
+    assert tasks.evaluate(stories, task, "test", tokenizer, "cpu")["accuracy"] == correct / 32
 
 
 def test_fast_paths_train_to_the_same_losses_as_the_literal_layers(tmp_path, data, monkeypatch):

@@ -9,6 +9,7 @@ import torch
 
 import llama
 import lora_da as L
+import peers as P
 
 
 # --- Eqs. 5-11: the closed form, restated --------------------------------------------------
@@ -186,9 +187,9 @@ def test_step_zero_moves_each_layer_downhill_by_the_stated_size(stories, method)
     layers = llama.add_lora(model, r=4, lora_alpha=16, rslora=True)
     samples = sequences(n=12, seed=1)
     cfg = L.DAConfig(N=1000, stats_batch_size=4)
-    used = samples[:cfg.one_samples] if method == "one" else samples
+    used = samples[:P.PeerConfig().one_samples] if method == "one" else samples
     G = L.kfac_statistics(model, used, L.causal_lm_losses, layers, batch_size=4, factors=False).G  # at W0
-    L.initialize(model, method, samples, cfg=cfg)
+    P.initialize_model(model, method, samples, cfg=cfg)
     x = torch.randn(5, 64)
     llama.fast_paths(model, False)  # W0 x + s·B A x as written: the folded (W0 + s·B A) x would lose the small step to cancellation
     for name, m in layers.items():
@@ -202,7 +203,7 @@ def test_step_zero_moves_each_layer_downhill_by_the_stated_size(stories, method)
         # size: ‖B A‖₂ = 1/γ for LoRA-One ((−G)_r/(σ1 γ)); ≤ 1/γ for LoRA-DA (ΔW/σ projected, ‖ΔW/σ‖₂ = 1)
         top = torch.linalg.svdvals(BA)[0].item()
         if method == "one":
-            assert top == pytest.approx(1 / cfg.one_gamma, rel=1e-4)
+            assert top == pytest.approx(1 / P.PeerConfig().one_gamma, rel=1e-4)
         else:
             assert 0.5 / cfg.gamma < top <= 1 / cfg.gamma * (1 + 1e-4)
 
@@ -212,14 +213,14 @@ def test_peers_use_their_own_sample_counts(stories, method, field):
     model = copy.deepcopy(stories)
     layers = llama.add_lora(model, r=2, lora_alpha=4, targets=("wq", "w1"))
     samples = sequences(n=12, seed=2)
-    cfg = L.DAConfig(stats_batch_size=4, **{field: 5})
-    rep = L.initialize(copy.deepcopy(model), method, samples, cfg=cfg)
+    cfg, peer = L.DAConfig(stats_batch_size=4), P.PeerConfig(**{field: 5})
+    rep = P.initialize_model(copy.deepcopy(model), method, samples, cfg=cfg, peer=peer)
     assert rep["samples"] == 5
     G5 = L.kfac_statistics(model, samples[:5], L.causal_lm_losses, layers, batch_size=4, factors=False).G
-    init = L.lora_one_init if method == "one" else L.lora_ga_init
-    gamma = cfg.one_gamma if method == "one" else cfg.ga_gamma
+    init = P.lora_one_init if method == "one" else P.lora_ga_init
+    gamma = peer.one_gamma if method == "one" else peer.ga_gamma
     other = copy.deepcopy(model)
-    L.initialize(other, method, samples, cfg=cfg)
+    P.initialize_model(other, method, samples, cfg=cfg, peer=peer)
     for name, m in L.lora_targets(other).items():
         A, B = init(G5[name], m.r, gamma)
         torch.testing.assert_close(m.lora_A, A, atol=1e-6, rtol=1e-4)
@@ -239,7 +240,7 @@ def test_lora_and_gaussian_inits_have_their_stated_distributions():
     assert a.var().item() == pytest.approx(bound ** 2 / 3, rel=0.02)
     assert -bound <= a.min().item() < -0.99 * bound and 0.99 * bound < a.max().item() <= bound
     assert B.abs().max() == 0
-    A, B = L.gaussian_init(128, d_in, r, g)
+    A, B = P.gaussian_init(128, d_in, r, g)
     a = A.double().flatten()
     # N(0, 1/r²): mean 0 (sd of the mean 1/(r√n)), sd 1/r, and Gaussian tails (4 sd reached, kurtosis 3)
     assert abs(a.mean().item()) < 4 / (r * math.sqrt(n))
