@@ -106,6 +106,7 @@ def repeat_kv(x, n_rep: int):
 
 
 EXPLICIT_BELOW = 16  # head widths below this use causal_attention on a CPU
+SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa since torch 2.5
 
 
 def causal_attention(xq, xk, xv):
@@ -171,10 +172,13 @@ class Attention(nn.Module):
             if T > 1:  # a chunk after a prefix: query i sees keys 0 .. start_pos + i
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
 
-        keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)
-        # (B, nh, T, hd) for scaled_dot_product_attention
+        if not SDPA_GQA:  # torch < 2.5: every query head gets its own copy of its kv head
+            keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)
+        # (B, nh, T, hd) for scaled_dot_product_attention; with enable_gqa query head h reads kv head h // n_rep,
+        # the pairing repeat_kv makes, without copying K and V n_rep times
         xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=is_causal,
+                                             **({"enable_gqa": self.n_rep > 1} if SDPA_GQA else {}))
         out = out.transpose(1, 2).reshape(B, T, -1)                    # (B, T, nh * hd): heads side by side
         return self.wo(out)
 
@@ -337,7 +341,11 @@ class LoRALinear(nn.Module):
             return h
         # h = W0 x + s·B A x
         x = self.dropout(x).to(self.lora_A.dtype)  # the adapter's precision (fp32), whatever the base's
-        return h + (self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)).type_as(h)
+        xa = F.linear(x, self.lora_A)                                   # (..., r)
+        if h.dtype == xa.dtype:  # one kernel for h + s·(A x) Bᵀ: no separate scaled copy and sum over (..., d_out)
+            return torch.addmm(h.reshape(-1, h.shape[-1]), xa.reshape(-1, self.r), self.lora_B.T,
+                               alpha=self.scaling).view(h.shape)
+        return h + (self.scaling * F.linear(xa, self.lora_B)).type_as(h)
 
     @torch.no_grad()
     def init_(self, A, B, shift_W0: bool = False):

@@ -397,7 +397,7 @@ def limit(models, threads_list, rounds):
                 print(f"  {name}, 4 x {T} tokens, full logits: ours {ours:,.0f} tok/s; transformers + peft not "
                       f"installed, no comparison")
             else:
-                print(f"  {name}, 4 x {T} tokens, full logits, alternated: ours {ours:,.0f} tok/s, transformers + "
+                print(f"  {name}, 4 x {T} tokens, full logits, one after the other: ours {ours:,.0f} tok/s, transformers + "
                       f"peft {hf:,.0f} tok/s: {ours / hf:.2f}x")
 
 

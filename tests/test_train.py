@@ -126,9 +126,9 @@ def test_bad_input_ends_with_one_line_and_a_nonzero_exit(args, message, tmp_path
 
 
 def test_missing_data_lists_each_file_with_its_url_and_sha256(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "data_dirs", lambda cfg: [tmp_path])
+    monkeypatch.setattr(tasks, "data_dirs", lambda cfg: [tmp_path])
     cfg = train.get_args(["--task", "gsm8k"])
-    with pytest.raises(train.UsageError) as e:
+    with pytest.raises(tasks.UsageError) as e:
         tasks.find_data(cfg, ["gsm8k/train.jsonl", "gsm8k/test.jsonl"])
     msg = str(e.value)
     assert "gsm8k/train.jsonl  from https://raw.githubusercontent.com/openai/grade-school-math" in msg
