@@ -15,7 +15,11 @@ def dry_run(cfg, args: llama.ModelArgs, device):
         model = llama.Transformer(args)
     n_params = model.num_params()
     bytes_w = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.dtype]
-    targets = cfg.targets.split(",")
+    targets = [t.strip() for t in cfg.targets.split(",")]
+    valid = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"output"})
+    if not targets or set(targets) - set(valid):  # the run would refuse them: so does its plan
+        raise ValueError(f"--targets {cfg.targets!r}: unknown LoRA target modules {sorted(set(targets) - set(valid))}; "
+                         f"valid: {', '.join(valid)}")
     shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
     per_block = [s for n, s in shapes.items() if n.startswith("layers.0.")]

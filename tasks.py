@@ -152,6 +152,8 @@ def read_sst2(path):
         sentence, _, label = row.rpartition("\t")
         if label not in ("0", "1"):
             raise UsageError(f"{path}:{i}: label must be 0 or 1, got {label!r}")
+        if not sentence.strip():
+            raise UsageError(f"{path}:{i}: empty sentence (expected 'sentence<TAB>label')")
         out.append((sentence.strip(), int(label)))
     if not out:
         raise UsageError(f"{path}: no examples after the header")

@@ -134,6 +134,8 @@ SETTINGS = {
                             "of a study)"),
         "log_interval": (50, "print a progress line every N steps"),
         "resume": (False, "continue from out_dir/ckpt.pt"),
+        "overwrite": (False, "replace a run already in --out-dir (without it, such a folder is refused: nothing is "
+                             "lost by accident)"),
         "save_merged": (False, "also write the merged model to out_dir/merged/"),
         "merged_format": ("meta", "format of the merged model: meta (params.json + consolidated.00.pth), hf, or gguf "
                                   "(F16, with the tokenizer when it is a GGUF model's: llama.cpp runs it)"),
@@ -321,8 +323,33 @@ def reduce_step(dist, params, loss, tokens):
 
 
 # settings a resumed run may change: they change what is logged or written, never the numbers
-RESUMABLE = ("resume", "out_dir", "log_interval", "eval_interval", "save_merged", "merged_format", "export_peft",
+RESUMABLE = ("resume", "overwrite", "out_dir", "log_interval", "eval_interval", "save_merged", "merged_format",
+             "export_peft",
              "download")
+
+
+RUN_FILES = ("config.json", "metrics.json", "adapter.pt", "init_adapter.pt", "ckpt.pt", "ckpt.prev.pt")
+
+
+def check_out_dir(cfg, out_dir: Path, config: dict):
+    """An --out-dir belongs to one run. A folder that already holds one is refused, unless --resume continues
+    that same run (its settings are compared, as the checkpoint's are in resume) or --overwrite replaces it."""
+    held = [f for f in RUN_FILES if (out_dir / f).exists()]
+    if not held or cfg.overwrite:
+        return
+    if cfg.resume:
+        try:
+            saved = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").is_file() else None
+        except (OSError, ValueError):
+            saved = None
+        if saved is not None:
+            diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE and saved.get(k) != config.get(k))
+            if diff:
+                raise UsageError(f"--out-dir {out_dir} holds a run with other settings ({', '.join(diff[:6])}); "
+                                 f"use another --out-dir, or --overwrite to replace it")
+        return
+    raise UsageError(f"--out-dir {out_dir} already holds a run ({', '.join(held)}); continue it with --resume, "
+                     f"choose another --out-dir, or replace it with --overwrite")
 
 
 def check_writable(out_dir: Path):
@@ -603,6 +630,8 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=F
     params = [p for p in model.parameters() if p.requires_grad]  # A and B of each layer, fp32 (B only if frozen A)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     ckpt_file, config = out_dir / "ckpt.pt", resolved(cfg, method, seed, N, setup.data_dir)
+    if d.main:
+        check_out_dir(cfg, out_dir, config)
     step, metrics, history = start(cfg, model, optimizer, method, seed, N, setup, out_dir, config, log)
     if cfg.init_only:  # hand the initialization to another trainer: no training here
         data_counts(task, metrics, log)

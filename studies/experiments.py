@@ -325,9 +325,18 @@ def run_args(study, name, lr, seed, phase):
 
 
 def load_runs(out: Path) -> dict:
+    """Every run JSON of a study, by name. One that cannot be read, or that names another run than its file, is
+    named on stderr and skipped (it is rerun by the next sitting): never fatal to the other runs or studies."""
     runs = {}
     for f in sorted((out / "runs").glob("*.json")):
-        runs[f.stem] = json.loads(f.read_text())
+        try:
+            record = json.loads(f.read_text())
+            if not isinstance(record, dict) or record.get("name", f.stem) != f.stem:
+                raise ValueError(f"it records run {record.get('name') if isinstance(record, dict) else record!r:.60}")
+        except (OSError, ValueError) as e:
+            print(f"skipping {f}: {e} (delete it to rerun that run)", file=sys.stderr)
+            continue
+        runs[f.stem] = record
     return runs
 
 
@@ -337,6 +346,7 @@ def execute(job):
     torch.set_num_threads(1)
     cfg = train.get_args(args)
     scratch = out / "scratch" / name
+    shutil.rmtree(scratch, ignore_errors=True)  # a run killed in an earlier sitting starts again from nothing
     t0 = time.perf_counter()
     with open(os.devnull, "w") as quiet:
         log = (lambda *a: print(*a, file=quiet))

@@ -51,7 +51,8 @@ def bad(tmp_path_factory, data):
     (d / "hf" / "config.json").write_text(json.dumps({"num_hidden_layers": 5}))
     torch.save({"model.embed_tokens.weight": torch.zeros(512, 64)}, d / "hf" / "pytorch_model.bin")
     # data folders: the real model and tokenizer beside a broken SST-2 file
-    for name, train, dev in (("headeronly", "sentence\tlabel\n", None), ("utf8", b"sentence\tlabel\ngood\t1\nbad \xff\t0\n", None)):
+    for name, train, dev in (("headeronly", "sentence\tlabel\n", None), ("utf8", b"sentence\tlabel\ngood\t1\nbad \xff\t0\n", None),
+                             ("emptysentence", "sentence\tlabel\ngood\t1\n \t0\n", None)):
         (d / name / "sst2").mkdir(parents=True)
         shutil.copytree(data / "stories260K", d / name / "stories260K")
         path = d / name / "sst2" / "train.tsv"
@@ -69,8 +70,15 @@ def bad(tmp_path_factory, data):
         config = json.loads((d / name / "config.json").read_text())
         (d / name / "config.json").write_text(json.dumps({**config, **change}))
         if name == "tied_but_lm_head":  # a separate output layer that tie_word_embeddings would silently drop
-            sd = torch.load(d / name / "pytorch_model.bin", weights_only=True)
-            torch.save({**sd, "lm_head.weight": sd["model.embed_tokens.weight"] + 1}, d / name / "pytorch_model.bin")
+            # in the format save_hf_checkpoint chose (model.safetensors when safetensors is installed)
+            st, pt = d / name / "model.safetensors", d / name / "pytorch_model.bin"
+            sd = checkpoints.load_safetensors(st) if st.is_file() else torch.load(pt, weights_only=True)
+            sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"] + 1}
+            if st.is_file():
+                from safetensors.torch import save_file
+                save_file(sd, str(st))
+            else:
+                torch.save(sd, pt)
     (d / "long.txt").write_text("once upon a time " * 3000 + "\nthe end\n")  # one line of ~12k tokens
     return d
 
@@ -102,6 +110,8 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("out-dir under a file", "train.py", ["--out-dir", "{bad}/a_file/out"], "is a file, not a folder"),
     ("header-only train.tsv", "train.py", ["--data-dir", "{bad}/headeronly"] + FAST, "train.tsv: no examples after the header"),
     ("invalid utf-8", "train.py", ["--data-dir", "{bad}/utf8"] + FAST, "train.tsv:3: not valid UTF-8"),
+    ("empty sentence", "train.py", ["--data-dir", "{bad}/emptysentence"] + FAST, "train.tsv:3: empty sentence"),
+    ("dry run, unknown target", "train.py", ["--dry-run", "--targets", "foo"], "unknown LoRA target modules ['foo']"),
     ("tokenizer not sentencepiece", "train.py", ["--tokenizer", "{bad}/tok.model"] + FAST, "not a sentencepiece .model file"),
     ("tokenizer empty", "sample.py", ["--tokenizer", "{bad}/empty.model"], "not a sentencepiece .model file"),
     ("empty checkpoint", "sample.py", ["--checkpoint", "{bad}/cut0.bin"], "cut0.bin: 0 bytes, too short"),

@@ -354,3 +354,13 @@ def test_fast_paths_give_the_literal_logits_and_lora_gradients_on_both_real_mode
         torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
         for a, b in zip(out[True][1:], out[False][1:]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
+
+
+def test_a_tiny_temperature_samples_greedily_instead_of_failing(data):
+    """At temperature 1e-45 every logit but the largest divides to −inf (the max is subtracted first), so
+    sampling is greedy decoding: the golden sample, not a probability tensor of NaNs."""
+    d = data / "stories260K"
+    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(d / "stories260K.bin"), "--tokenizer",
+                        str(d / "tok512.model"), "--max-new-tokens", "40", "--temperature", "1e-45"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(GOLDEN), r.stderr[-2000:]

@@ -253,3 +253,20 @@ def test_fast_paths_train_to_the_same_losses_as_the_literal_layers(tmp_path, dat
     fast, literal = (json.loads((tmp_path / k / "metrics.json").read_text())["history"]["loss"]
                      for k in ("fast", "literal"))
     assert len(fast) == 20 and max(abs(a - b) for a, b in zip(fast, literal)) < 5e-5
+
+
+def test_a_finished_out_dir_is_not_overwritten_by_another_run(tmp_path, data):
+    """The second run of another --init into a finished --out-dir is refused in one line and the first run's
+    files are left as they were; --resume with other settings is refused; --overwrite replaces it."""
+    out = str(tmp_path / "run")
+    first = run_cli(*TINY, "--init", "lora", "--data-dir", str(data), "--out-dir", out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    for extra in ([], ["--resume"]):
+        again = run_cli(*TINY, "--init", "da", *extra, "--data-dir", str(data), "--out-dir", out)
+        assert again.returncode != 0 and again.stderr.count("\n") == 1, again.stderr[-2000:]
+        assert ("already holds a run" if not extra else "holds a run with other settings") in again.stderr
+        assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    replaced = run_cli(*TINY, "--init", "da", "--overwrite", "--data-dir", str(data), "--out-dir", out)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["method"] == "da"
