@@ -1257,6 +1257,7 @@ def main(argv=None):
     if a.study == "planted":  # a known target shift: the estimate and the subspaces against the truth
         if not a.aggregate:
             planted.run_map(out)
+            planted.run_training(out, jobs=a.jobs)
         print(planted.aggregate(out))
         return
     if study.of:  # convergence: read the runs of another study, run nothing
