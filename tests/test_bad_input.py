@@ -146,7 +146,8 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
 ]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+@pytest.mark.parametrize("row", [pytest.param(r, id=r[0], marks=[pytest.mark.formats] if r[0].startswith("HF") else [])
+                                 for r in ROWS])
 def test_bad_input_gets_one_line_and_leaves_nothing(row, bad, data, tmp_path):
     name, script, args, fragment = row
     if "cuda" in name and torch.cuda.is_available():
@@ -260,6 +261,7 @@ PEFT_ROWS = [  # id, what is changed, the message fragment
 ]
 
 
+@pytest.mark.formats
 @pytest.mark.parametrize("row", PEFT_ROWS, ids=[r[0] for r in PEFT_ROWS])
 def test_a_peft_adapter_that_would_load_wrong_is_refused_by_name(row, stories, tmp_path):
     import checkpoints
@@ -342,6 +344,7 @@ def test_a_custom_init_sample_cut_to_max_len_is_counted(tmp_path, bad, data):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["truncated"]["train"] == 1
 
 
+@pytest.mark.formats
 def test_a_damaged_safetensors_file_is_refused_like_a_damaged_pickle(stories, tmp_path):
     pytest.importorskip("safetensors")
     import checkpoints

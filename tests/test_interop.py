@@ -13,6 +13,8 @@ import lora_da as L
 import peers as P
 import train
 
+pytestmark = pytest.mark.formats  # every test here changes with safetensors, transformers or peft installed
+
 TOKENS = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
 

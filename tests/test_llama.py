@@ -128,6 +128,7 @@ def test_hugging_face_layout_loads_back_with_identical_logits(tmp_path):
     assert torch.equal(loaded(tokens), model(tokens))
 
 
+@pytest.mark.formats
 def test_hugging_face_safetensors_load_when_installed(tmp_path):
     pytest.importorskip("safetensors")
     model = tiny_model(seed=2)
