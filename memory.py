@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import llama
+import tasks
 
 def dry_run(cfg, args: llama.ModelArgs, device):
     with torch.device("meta"):
@@ -37,7 +38,7 @@ def dry_run(cfg, args: llama.ModelArgs, device):
     runtime = 0 if str(device).startswith("cuda") else _rss_bytes()
     r = cfg.rank
     lora = sum(r * (o + i) for o, i in shapes.values())
-    T = cfg.max_len or min(512, args.max_seq_len)
+    T = tasks.sequence_length(cfg, args.vocab_size, args.max_seq_len)  # the run's longest batch
     B = cfg.batch_size
     hidden = llama.ffn_hidden_dim(args)
     # activations kept for backward per block: ~ norms, q/k/v/o, attention out, SwiGLU (3 × hidden), residuals

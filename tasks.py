@@ -125,6 +125,27 @@ SST2_PROMPTS = {"story": ("Review: {sentence}\nThe reviewer was", (" sad", " hap
                              (" negative", " positive"))}
 
 
+# GSM8K: the problem, then its worked solution as the answer (loss and exact match on that). "qa" is the
+# plain continuation every model reads; "chat" puts the problem in an instruct model's user turn (ChatML) and
+# the solution in the assistant's, ending at <|im_end|>. "auto": the style chosen on the validation split for
+# a model with a chat template (studies/results/prompts/table.md), qa otherwise.
+GSM8K_PROMPTS = {"qa": "Q: {question}\nA: ",
+                 "chat": "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+                         "<|im_start|>assistant\n"}  # as written by the tokenizer's chat() (bpe.py)
+GSM8K_CHAT_DEFAULT = "chat"
+
+
+def gsm8k_prompt(cfg, tok) -> str:
+    """The GSM8K prompt style a run uses: --gsm8k-prompt, with auto resolved by the tokenizer."""
+    style = getattr(cfg, "gsm8k_prompt", "auto")
+    if style == "auto":
+        return GSM8K_CHAT_DEFAULT if hasattr(tok, "chat") else "qa"
+    if style == "chat" and not hasattr(tok, "chat"):
+        raise UsageError("--gsm8k-prompt chat needs a tokenizer with a chat template (SmolLM2's byte-level BPE); "
+                         "use --gsm8k-prompt qa")
+    return style
+
+
 def sst2_prompt(cfg, tok) -> str:
     """The prompt style a run uses: --sst2-prompt, with auto resolved by the tokenizer."""
     style = getattr(cfg, "sst2_prompt", "auto")
@@ -211,6 +232,14 @@ TASK_FILES = {"sst2": (read_sst2, ("train.tsv", "dev.tsv")), "gsm8k": (read_gsm8
 VAL_SEED = 12345  # the validation draw is fixed: the same held-out examples for every method and seed
 
 
+def sequence_length(cfg, vocab_size, context):
+    """The longest sequence a batch holds: --max-len, else 128 tokens for SST-2 with a subword tokenizer (its
+    prompts are ~45 BPE tokens), else the model's context (GSM8K, or SST-2's ~3x longer character-level
+    prompts); never past the context. The run and --dry-run's plan both read it here."""
+    sst2_len = 128 if vocab_size > 256 else context
+    return min(cfg.max_len or (sst2_len if cfg.task == "sst2" else context), context)
+
+
 class Task:
     """The task's examples, encoded once: (prompt ids, answer ids) per split (train, val, test), with
     truncation and unknown characters counted over each whole split (never silent), and right-padded
@@ -218,9 +247,7 @@ class Task:
 
     def __init__(self, cfg, tok, data_dir, context, rows=None):
         self.name = "custom" if rows is not None else cfg.task
-        # SST-2 prompts are ~45 BPE tokens but ~3x as many characters: a character-level tokenizer gets the context
-        sst2_len = 128 if tok.vocab_size > 256 else context
-        self.max_len = min(cfg.max_len or (sst2_len if cfg.task == "sst2" else context), context)
+        self.max_len = sequence_length(cfg, tok.vocab_size, context)
         self.unk_id = tok.unk_id
         if rows is not None:  # --init-data: the user's own (prompt, answer) pairs, for the init only
             train, test = rows, []
@@ -229,11 +256,18 @@ class Task:
             train = read(data_dir / cfg.task / train_file)
             test = read(data_dir / cfg.task / test_file) if cfg.test_eval else []  # model selection never reads it
         if cfg.task == "sst2":
-            self.prompt, words = SST2_PROMPTS[sst2_prompt(cfg, tok)]
+            self.style = sst2_prompt(cfg, tok)
+            self.prompt, words = SST2_PROMPTS[self.style]
             self.words = [tok.encode(w, bos=False) for w in words]
             # words that begin alike (a character tokenizer: both start with "▁") are scored whole; else by
             # their first tokens (stories260K: "▁sa" against "▁happy"), the rule of every committed study
             self.whole_word = self.words[0][0] == self.words[1][0]
+        else:
+            self.style = gsm8k_prompt(cfg, tok)
+            self.prompt = GSM8K_PROMPTS[self.style]
+        # for config.json: the prompt as the run used it, "auto" resolved
+        self.prompt_record = {"style": self.style, "prompt": self.prompt,
+                              **({"words": list(SST2_PROMPTS[self.style][1])} if cfg.task == "sst2" else {})}
         if cfg.train_limit:
             train = train[:cfg.train_limit]
         val = []
@@ -265,8 +299,11 @@ class Task:
         elif self.name == "custom":  # a text line is all answer: the loss is on every token after BOS
             prompt = tok.encode(ex[0], bos=True)
             answer = tok.encode(ex[1], bos=False, eos=True)
+        elif self.style == "chat":
+            prompt = tok.chat(ex[0])
+            answer = tok.encode(ex[1], bos=False, eos=True)     # eos: <|im_end|>, the assistant turn's end
         else:
-            prompt = tok.encode(f"Q: {ex[0]}\nA: ", bos=True)
+            prompt = tok.encode(self.prompt.format(question=ex[0]), bos=True)
             answer = tok.encode(ex[1], bos=False, eos=True)
         # SST-2 is scored with either word after the prompt: leave room for the longer one
         longest = max(map(len, self.words)) if self.name == "sst2" and self.whole_word else len(answer)

@@ -31,7 +31,7 @@ import lora_da
 import peers
 from memory import PeakMemory, dry_run
 from plots import compare, plot_loss
-from tasks import SST2_PROMPTS, TASK_FILES, Task, UsageError, accuracy, evaluate, find_data, read_init_data
+from tasks import GSM8K_PROMPTS, SST2_PROMPTS, TASK_FILES, Task, UsageError, accuracy, evaluate, find_data, read_init_data
 
 DA, PEER = lora_da.DAConfig(), peers.PeerConfig()  # the initialization defaults
 
@@ -143,11 +143,14 @@ SETTINGS = {
         "init_only": (False, "compute the initialization, write init_adapter.pt (and --export-peft), skip training"),
         "init_data": (None, "with --init-only: the init samples from this file instead of the task (text: one sample "
                             "per line; .jsonl: {\"prompt\": ..., \"answer\": ...} per line)"),
+        "gsm8k_prompt": ("auto", "GSM8K: qa ('Q: ... A: ', the tiny models' prompt) or chat (the problem as "
+                                 "the user's turn of the model's ChatML template); auto: chat for a model with a "
+                                 "chat template (SmolLM2), qa otherwise"),
         "dry_run": (False, "print the parameter count and the memory of each stage, allocate nothing, exit"),
     },
 }
 CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf", "gguf"), "task": tuple(TASK_FILES),
-           "sst2_prompt": ("auto", *SST2_PROMPTS),
+           "sst2_prompt": ("auto", *SST2_PROMPTS), "gsm8k_prompt": ("auto", *GSM8K_PROMPTS),
            "dtype": tuple(llama.DTYPES), **lora_da.CHOICES, **peers.CHOICES}
 METHODS = peers.METHODS
 # the settings train.py owns, by meaning (LoRA-DA's own are DAConfig's): name -> (test, what it must be)
@@ -629,7 +632,8 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=F
     model = lora_model(cfg, setup, take=take)
     params = [p for p in model.parameters() if p.requires_grad]  # A and B of each layer, fp32 (B only if frozen A)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    ckpt_file, config = out_dir / "ckpt.pt", resolved(cfg, method, seed, N, setup.data_dir)
+    ckpt_file, config = out_dir / "ckpt.pt", {**resolved(cfg, method, seed, N, setup.data_dir),
+                                              "prompt": task.prompt_record}
     if d.main:
         check_out_dir(cfg, out_dir, config)
     step, metrics, history = start(cfg, model, optimizer, method, seed, N, setup, out_dir, config, log)

@@ -115,3 +115,25 @@ def test_a_file_that_is_not_a_tokenizer_json_is_refused(tmp_path):
     (tmp_path / "t.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a Hugging Face tokenizer.json"):
         bpe.load_tokenizer(tmp_path / "t.json")
+
+
+def test_gsm8k_chat_prompt_is_the_users_turn_and_the_solution_ends_the_assistants(tok, data):
+    import llama
+    import tasks
+    import train
+    cfg = train.get_args(["--model", "smollm2-135M", "--task", "gsm8k", "--gsm8k-prompt", "chat",
+                          "--val-size", "20", "--no-test-eval", "--train-limit", "40"])
+    task = tasks.Task(cfg, tok, data, 8192)
+    question, solution = task.val[0]
+    prompt, answer = task.encode("val", 0)
+    assert prompt == tok.chat(question)  # the template the sampler's --chat uses, byte for byte
+    assert tok.decode(prompt) == tasks.GSM8K_PROMPTS["chat"].format(system=tok.DEFAULT_SYSTEM, question=question)
+    assert answer[-1] == tok.eos_id and tok.decode(answer[:-1]) == solution  # ends at <|im_end|>
+    assert task.prompt_record["style"] == "chat"
+    qa = tasks.Task(train.get_args(["--task", "gsm8k", "--gsm8k-prompt", "qa", "--val-size", "20", "--no-test-eval",
+                                    "--train-limit", "40"]), tok, data, 8192)
+    assert tok.decode(qa.encode("val", 0)[0]) == f"Q: {question}\nA: "
+    sp = llama.Tokenizer(data / "stories260K" / "tok512.model")  # no chat template: auto is qa, chat refused
+    assert tasks.gsm8k_prompt(train.get_args([]), sp) == "qa"
+    with pytest.raises(tasks.UsageError, match="needs a tokenizer with a chat template"):
+        tasks.Task(train.get_args(["--task", "gsm8k", "--gsm8k-prompt", "chat"]), sp, data, 512)
