@@ -16,8 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 
 import bpe
 import checkpoints
+import cli
 import llama
 import lora_da
 import peers
@@ -153,15 +152,36 @@ CHOICES = {"model": tuple(llama.MODELS), "merged_format": ("meta", "hf", "gguf")
            "sst2_prompt": ("auto", *SST2_PROMPTS), "gsm8k_prompt": ("auto", *GSM8K_PROMPTS),
            "dtype": tuple(llama.DTYPES), **lora_da.CHOICES, **peers.CHOICES}
 METHODS = peers.METHODS
-# the settings train.py owns, by meaning (LoRA-DA's own are DAConfig's): name -> (test, what it must be)
+# every numeric setting's range: where its arithmetic survives fp32 and int64 and the value means something
+# (cli.Number refuses the rest when the command line is parsed). The init settings' own rules (alpha and beta
+# not both 0) stay DAConfig's and PeerConfig's; tests/test_cli.py fails for a numeric flag with no range here.
+N_, I_, BIG = cli.Number, int, 10 ** 9
+SCALE = (1e-6, 1e9)  # a scale divides or multiplies fp32 weights: outside this, B A or the update under/overflows
 RANGES = {
-    **{n: (lambda v: v > 0, "positive") for n in ("lr", "steps", "batch_size", "grad_accum", "length_groups", "rank",
-                                                  "seeds", "init_samples", "lora_alpha", "log_interval")},
-    **{n: (lambda v: v >= 0, ">= 0 (0: off)") for n in ("weight_decay", "grad_clip", "eval_interval", "max_len",
-                                                        "train_limit", "eval_limit", "val_size", "train_size")},
-    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "warmup": (lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
-    "decode_limit": (lambda v: v >= -1, ">= -1 (-1: all)"),
+    "seeds": N_(I_, 1, 1000, "an integer in [1, 1000]"),
+    "seed": N_(I_, 0, 2 ** 31 - 1, "an integer in [0, 2^31 - 1] (a generator's seed, times 1000 per epoch)"),
+    **{n: N_(I_, 0, BIG, ">= 0 (0: off or all)") for n in ("max_len", "train_limit", "val_size", "train_size",
+                                                            "eval_limit", "eval_interval", "N")},
+    "decode_limit": N_(I_, -1, BIG, ">= -1 (-1: all)"),
+    "rank": N_(I_, 1, 65536, "a positive integer (at most the layer's width)"),
+    "lora_alpha": N_(float, *SCALE, f"positive, in [{SCALE[0]:g}, {SCALE[1]:g}]"),
+    "dropout": N_(float, 0.0, 1 - 2 ** -24, "a probability in [0, 1)"),
+    "init_samples": N_(I_, 1, 10 ** 7, "a positive integer"),
+    **{n: N_(float, 0.0, 1e9, ">= 0 (at most 1e9)") for n in ("alpha", "beta", "relative_damping")},
+    **{n: N_(float, *SCALE, f"positive, in [{SCALE[0]:g}, {SCALE[1]:g}]") for n in ("gamma", "ga_gamma",
+                                                                                   "one_gamma")},
+    "damping": N_(float, 1e-30, 1e9, "positive, in [1e-30, 1e9] (below it fp32 loses it)"),
+    "stats_batch_size": N_(I_, 1, 65536, "a positive integer"),
+    "layers_per_pass": N_(I_, 0, 10 ** 4, ">= 0 (0: all)"),
+    **{n: N_(I_, 1, 10 ** 7, "a positive integer") for n in ("ga_samples", "one_samples")},
+    "eva_rho": N_(float, 1.0, 1e3, "in [1, 1000]"),
+    "lr": N_(float, 1e-12, 1e3, "positive, in [1e-12, 1e3] (below it no fp32 weight moves)"),
+    "steps": N_(I_, 1, BIG, "a positive integer"),
+    **{n: N_(I_, 1, 65536, "a positive integer") for n in ("batch_size", "grad_accum", "length_groups")},
+    "warmup": N_(float, 0.0, 1 - 2 ** -24, "a fraction of the steps in [0, 1)"),
+    "weight_decay": N_(float, 0.0, 1e3, ">= 0 (0: off)"),
+    "grad_clip": N_(float, 0.0, 1e12, ">= 0 (0: off)"),
+    "log_interval": N_(I_, 1, BIG, "a positive integer"),
 }
 
 
@@ -169,7 +189,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The docstring as written, and every default in --help."""
 
 
-def get_args(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     for group, items in SETTINGS.items():
         g = p.add_argument_group(group)
@@ -178,29 +198,29 @@ def get_args(argv=None):
             if isinstance(default, bool):
                 g.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
             else:
-                kind = type(default) if default is not None else str
+                kind = RANGES.get(name, type(default) if default is not None else str)
                 g.add_argument(flag, default=default, type=kind, choices=CHOICES.get(name), help=help_)
+    return p
+
+
+def get_args(argv=None):
+    p = parser()
     cfg = p.parse_args(argv)
-    methods = list(METHODS) if cfg.init == "all" else [m.strip() for m in cfg.init.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        p.error(f"--init {cfg.init!r}: unknown {bad}; choose from {', '.join(METHODS)} (comma list) or all")
-    if len(set(methods)) != len(methods):
-        p.error(f"--init {cfg.init!r} names a method twice; each method runs once per seed")
-    cfg.methods = methods
-    # the settings train.py owns, checked here by their meaning; the inits' own by DAConfig and PeerConfig below
-    da_fields = {f.name for c in (lora_da.DAConfig, peers.PeerConfig) for f in dataclasses.fields(c)}
-    for name, value in vars(cfg).items():  # NaN passes every comparison below: refuse it first
-        if isinstance(value, float) and not math.isfinite(value) and name not in da_fields:
-            p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name, (ok, what) in RANGES.items():
-        if not ok(getattr(cfg, name)):
-            p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
+    try:  # comma lists: known names, each once, case as written in --help
+        cfg.methods = list(METHODS) if cfg.init.strip() == "all" else cli.names(cfg.init, METHODS, "--init")
+        cfg.targets = ",".join(cli.names(cfg.targets, llama.LORA_TARGETS, "--targets"))
+    except ValueError as e:
+        p.error(str(e))
+    if cfg.seed + cfg.seeds - 1 > RANGES["seed"].hi:
+        p.error(f"--seed {cfg.seed} with --seeds {cfg.seeds} runs past the largest seed {RANGES['seed'].hi}")
+    for name in ("checkpoint", "tokenizer", "data_dir", "out_dir", "export_peft", "init_data"):
+        if getattr(cfg, name) is not None and not str(getattr(cfg, name)).strip():  # "" is not "not given"
+            p.error(f"--{name.replace('_', '-')} is empty: give a path, or leave the flag out for its default")
     controls = [f for f, on in (("--direction", cfg.direction != "da"), ("--a-scale", cfg.a_scale != "da"),
                                  ("--no-step", not cfg.step)) if on]
-    if controls and methods != ["da"]:
+    if controls and cfg.methods != ["da"]:
         p.error(f"{', '.join(controls)}: LoRA-DA's controls (theory.md §12) change its init only: use them with --init da")
-    if cfg.shuffle_labels and not set(methods) & set(peers.DATA_AWARE):
+    if cfg.shuffle_labels and not set(cfg.methods) & set(peers.DATA_AWARE):
         p.error(f"--shuffle-labels permutes the init samples' labels: it needs a data-aware --init "
                 f"({', '.join(peers.DATA_AWARE)})")
     if cfg.init_data and not cfg.init_only:
@@ -693,53 +713,48 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=F
 
 def main(argv=None):
     cfg = get_args(argv)
+    cli.boundary(lambda: main_of(cfg), on_interrupt=lambda: kept(cfg))
+
+
+def main_of(cfg):
+    if cfg.dry_run:
+        if cfg.checkpoint in llama.PRESETS or cfg.checkpoint is None:
+            args = llama.PRESETS[cfg.checkpoint or cfg.model]
+        else:
+            args = checkpoints.read_args(cfg.checkpoint)
+        auto = "cuda" if torch.cuda.is_available() else "cpu"  # a plan needs no device: never refuse one
+        dry_run(cfg, args, auto if cfg.device == "auto" else cfg.device)
+        return
+    out = Path(cfg.out_dir)
+    multi = len(cfg.methods) > 1 or cfg.seeds > 1
+    runs = [(m, s, out / f"{m}-s{s}" if multi else out) for m in cfg.methods for s in range(cfg.seed, cfg.seed + cfg.seeds)]
+    dist = start_dist(cfg)  # alone, unless torchrun started several of us
+    if dist.main:
+        check_writable(out)
+    # one writer per folder: the out-dir and, for several runs, each run's subfolder (a run started in one of
+    # them by hand is refused, and a multi-run started over one is refused before it writes anything)
+    releases = lock_all(dict.fromkeys([out] + [d for _, _, d in runs])) if dist.main else []
     try:
-        if cfg.dry_run:
-            if cfg.checkpoint in llama.PRESETS or cfg.checkpoint is None:
-                args = llama.PRESETS[cfg.checkpoint or cfg.model]
-            else:
-                args = checkpoints.read_args(cfg.checkpoint)
-            auto = "cuda" if torch.cuda.is_available() else "cpu"  # a plan needs no device: never refuse one
-            dry_run(cfg, args, auto if cfg.device == "auto" else cfg.device)
-            return
-        out = Path(cfg.out_dir)
-        multi = len(cfg.methods) > 1 or cfg.seeds > 1
-        dist = start_dist(cfg)  # alone, unless torchrun started several of us
-        if dist.main:
-            check_writable(out)
-        release = lock(out) if dist.main else (lambda: None)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where a shell started us ignoring it
-        signal.signal(signal.SIGTERM, terminated)  # SIGTERM ends like Ctrl-C: one line, the checkpoint intact
-        try:
-            setup = load(cfg, print if dist.main else (lambda *a: None), dist)  # once; runs copy it, a single run takes it
-            results = {}
-            for method in cfg.methods:
-                for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-                    run_dir = out / f"{method}-s{seed}" if multi else out
-                    results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup, take=not multi))
-            if multi and dist.main:
-                print(compare(results, out, cfg))
-        finally:
+        setup = load(cfg, print if dist.main else (lambda *a: None), dist)  # once; runs copy it, a single run takes it
+        results = {}
+        for method, seed, run_dir in runs:
+            results.setdefault(method, []).append(run(cfg, method, seed, run_dir, setup, take=not multi))
+        if multi and dist.main:
+            print(compare(results, out, cfg))
+    finally:
+        for release in reversed(releases):
             release()
-            if dist.world > 1:
-                torch.distributed.destroy_process_group()
-    except (ValueError, FileNotFoundError, OSError) as e:  # UsageError and checkpoints.CheckpointError are ValueErrors
-        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
-        sys.exit(2)
-    except (KeyboardInterrupt, Terminated) as e:
-        latest = max(Path(cfg.out_dir).rglob("ckpt.pt"), key=lambda f: f.stat().st_mtime, default=None)
-        saved = (f"the latest checkpoint is {latest} (step {torch.load(latest, weights_only=True)['step']}); "
-                 f"continue with the same command and --resume") if latest else "no checkpoint was written yet"
-        print(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'}): {saved}", file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is, like KeyboardInterrupt for SIGINT."""
-
-
-def terminated(signum, frame):
-    raise Terminated()
+def kept(cfg) -> str:
+    """What an interrupted run leaves: its latest checkpoint and how to continue."""
+    latest = max(Path(cfg.out_dir).rglob("ckpt.pt"), key=lambda f: f.stat().st_mtime, default=None)
+    if latest is None:
+        return "no checkpoint was written yet"
+    return (f"the latest checkpoint is {latest} (step {torch.load(latest, weights_only=True)['step']}); "
+            f"continue with the same command and --resume")
 
 
 def lock(out: Path):
@@ -771,6 +786,19 @@ def lock(out: Path):
         if created and not any(out.iterdir()):
             out.rmdir()
     return release
+
+
+def lock_all(folders) -> list:
+    """Lock each folder in turn; if one is in use, release the ones taken and refuse (nothing is left behind)."""
+    releases = []
+    try:
+        for folder in folders:
+            releases.append(lock(Path(folder)))
+    except BaseException:
+        for release in reversed(releases):
+            release()
+        raise
+    return releases
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Where a training step's time goes, and how much faster it is than the straightfo
     python studies/bench.py --rounds 0 --check-steps 100   # only that comparison
     python studies/bench.py --compile                # also torch.compile (inductor): compile time and speed
     python studies/bench.py --limit                  # FLOPs against the CPU's matmul peak, 4 models (and HF's)
+    python studies/bench.py --init --model smollm2-135M --threads 1   # LoRA-DA's init: statistics, solve, memory
     python studies/shapes7b.py                       # LLaMA-2-7B's shapes: memory per stage, the eigensolvers
 
 Three ways to compute the same training step (the same batches, the same numbers up to float order):
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core beside this folder
+import cli  # noqa: E402
 import llama  # noqa: E402
 import lora_da  # noqa: E402
 import peers  # noqa: E402
@@ -401,20 +403,84 @@ def limit(models, threads_list, rounds):
                       f"peft {hf:,.0f} tok/s: {ours / hf:.2f}x")
 
 
-def main():
+def init_rows(name, threads, authors):
+    """LoRA-DA's init of 256 samples as `train.py --init da --init-only` runs it, in its own process (so the
+    peak resident memory is the init's alone): the statistics pass, the solve, each stage's peak, and the
+    --dry-run plan beside them. authors: also the per-sample loop (--stats-batch-size 1, the authors' released
+    estimator feeds one sample per backward pass; the same numbers up to float order)."""
+    import json
+    import subprocess
+    import tempfile
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": str(threads)}
+    plan = subprocess.run([sys.executable, "train.py", "--model", name, "--init", "da", "--init-only", "--dry-run"],
+                          cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+    planned = {k: float(line.split()[-2]) for line in plan.splitlines() for k in ("statistics", "solve")
+               if line.strip().startswith(f"peak, {k}")}
+    rows = []
+    for label, batch in (("this project (16 samples per pass)", "16"),) + ((("the authors' loop (1 sample per "
+                                                                             "pass)", "1"),) if authors else ()):
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "train.py", "--model", name, "--init", "da", "--init-only",
+                            "--stats-batch-size", batch, "--out-dir", tmp], cwd=root, env=env, check=True,
+                           capture_output=True, text=True)
+            m = json.loads((Path(tmp) / "metrics.json").read_text())
+        sec = m["init_report"]["seconds"]
+        rows.append((label, sec["statistics"], sec["solve"], m["peak_memory_gib"]))
+    return rows, planned
+
+
+def init_table(models, threads_list, authors):
+    print(f"\n== LoRA-DA's init (256 SST-2 samples, r = 8, all seven projections), torch {torch.__version__}, "
+          f"each run in its own process")
+    print("| model | threads | statistics pass | statistics s | solve s | total s | peak statistics GiB | "
+          "peak solve GiB | --dry-run plan (statistics / solve) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in models:
+        for threads in threads_list:
+            rows, planned = init_rows(name, threads, authors)
+            for label, stat, solve, peak in rows:
+                print(f"| {name} | {threads} | {label} | {stat:.1f} | {solve:.1f} | {stat + solve:.1f} | "
+                      f"{peak.get('statistics', float('nan')):.2f} | {peak.get('solve', float('nan')):.2f} | "
+                      f"{planned.get('statistics', float('nan')):.2f} / {planned.get('solve', float('nan')):.2f} |",
+                      flush=True)
+            if len(rows) == 2:
+                print(f"|  |  | this project / the authors' loop |  |  | {sum(rows[0][1:3]) / sum(rows[1][1:3]):.2f}x"
+                      f" |  |  |  |")
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(llama.MODELS) + ["width-384"], action="append",
                    help="which real model (repeatable; default: both)")
-    p.add_argument("--threads", type=int, action="append", help="torch threads (repeatable; default: 1 and 2)")
-    p.add_argument("--batches", type=int, default=12, help="training batches of 32 per timed round (default: 12)")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (default: 3; 0: no timing)")
-    p.add_argument("--top", type=int, default=10, help="rows of the profiler's table (default: 10)")
-    p.add_argument("--check-steps", type=int, default=0,
+    p.add_argument("--threads", type=cli.Number(int, 1, 256, "a positive integer"), action="append",
+                   help="torch threads (repeatable; default: 1 and 2)")
+    p.add_argument("--batches", type=cli.Number(int, 1, 10 ** 4, "a positive integer"), default=12,
+                   help="training batches of 32 per timed round (default: 12)")
+    p.add_argument("--rounds", type=cli.Number(int, 0, 1000, "an integer in [0, 1000]"), default=3,
+                   help="timed rounds per variant (default: 3; 0: no timing)")
+    p.add_argument("--top", type=cli.Number(int, 1, 1000, "a positive integer"), default=10,
+                   help="rows of the profiler's table (default: 10)")
+    p.add_argument("--check-steps", type=cli.Number(int, 0, 10 ** 5, ">= 0 (0: off)"), default=0,
                    help="also train this many steps with fast and literal layers and compare the losses")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (about a minute per model)")
     p.add_argument("--limit", action="store_true", help="only the table against the matmul peak: stories260K, "
                    "babyllama936K, a width-384 model and SmolLM2-135M, and transformers where it is installed")
-    args = p.parse_args()
+    p.add_argument("--init", action="store_true", help="only LoRA-DA's init (statistics, solve, peak memory, the "
+                   "dry-run plan), each in its own process; default models: all three real ones")
+    p.add_argument("--authors", action="store_true", help="with --init: also the authors' one-sample-per-pass loop")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    cli.boundary(lambda: bench_main(args))
+
+
+def bench_main(args):
+    if args.init:
+        init_table(args.model or ["stories260K", "babyllama936K", "smollm2-135M"], args.threads or [1, 2], args.authors)
+        return
     if args.limit:
         limit(args.model or ["stories260K", "babyllama936K", "width-384", "smollm2-135M"], args.threads or [1, 2],
               max(args.rounds, 1))

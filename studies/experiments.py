@@ -51,6 +51,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))  # planted.py beside this runner
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import llama  # noqa: E402
 import lora_da  # noqa: E402
 import peers  # noqa: E402
@@ -1234,18 +1235,39 @@ EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "bab
           "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra)}
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=sorted(STUDIES), help="which study")
-    p.add_argument("--jobs", type=int, default=2, help="parallel runs, one thread each (default: 2, the cores here)")
+    p.add_argument("--jobs", type=cli.Number(int, 1, 256, "a positive integer (processes, one thread each)"),
+                   default=2, help="parallel runs, one thread each (default: 2, the cores here)")
     p.add_argument("--out", default=None, help="results folder (default: studies/results/STUDY)")
     p.add_argument("--aggregate", action="store_true", help="only rebuild the tables and plots from the JSONs")
     p.add_argument("--list", action="store_true", help="list the grid and what is done, run nothing")
     p.add_argument("--only", default=None, help="comma list of cells: run only these (and their rate groups), e.g. "
                                                 "to finish the most important cells first; the table shows them all")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with the checks that need no results: the parser's ranges, --only's cells, --out."""
+    p = parser()
     a = p.parse_args(argv)
-    if a.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {a.jobs}")
+    if a.only is not None:
+        try:
+            cli.names(a.only, [c.name for c in STUDIES[a.study].cells], "--only")
+        except ValueError as e:
+            p.error(f"{e} (the cells of {a.study})")
+    if a.out is not None and not a.out.strip():
+        p.error("--out is empty: give a folder, or leave the flag out for studies/results/STUDY")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    cli.boundary(lambda: study_main(a))
+
+
+def study_main(a):
     study = STUDIES[a.study]
     out = Path(a.out or RESULTS / a.study)
     if a.study == "distance":  # reads the baselines and gsm8k runs; its measurements need no training
@@ -1279,11 +1301,7 @@ def main(argv=None):
     if not a.aggregate:
         part = study
         if a.only:
-            names = a.only.split(",")
-            unknown = [n for n in names if n not in {c.name for c in study.cells}]
-            if unknown:
-                p.error(f"--only: {', '.join(unknown)} not a cell of {a.study}; its cells: "
-                        f"{', '.join(c.name for c in study.cells)}")
+            names = cli.names(a.only, [c.name for c in study.cells], "--only")
             part = dataclasses.replace(study, cells=tuple(c for c in study.cells if c.name in names))
         run_study(a.study, part, out, a.jobs, shared=RESULTS)
     print(aggregate(a.study, study, out))

@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core beside this folder
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
+import llama  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 
@@ -93,12 +95,20 @@ def table(rows):
     return "\n".join(lines) + "\n"
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135M")
+    p.add_argument("--model", default="smollm2-135M", choices=sorted(llama.MODELS), help="which real model")
     p.add_argument("--aggregate", action="store_true", help="only rebuild table.md from the committed JSONs")
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args()
+    p.add_argument("--threads", type=cli.Number(int, 1, 256, "a positive integer"), default=1, help="torch threads")
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    cli.boundary(lambda: prompts_main(a))
+
+
+def prompts_main(a):
     torch.set_num_threads(a.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     if not a.aggregate:

@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import llama  # noqa: E402
 import lora_da  # noqa: E402
-import peers  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 
@@ -201,21 +201,30 @@ def gpu_check(data, depth, threads, device="cuda", shape=None):
         plan(folder, data, depth, "eigh", threads, sizes)
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=1, help="transformer blocks of LLaMA-2-7B's shape (1-2 fit 24 GiB)")
+    p.add_argument("--depth", type=cli.Number(int, 1, 32, "an integer in [1, 32] (LLaMA-2-7B has 32 blocks)"),
+                   default=1, help="transformer blocks of LLaMA-2-7B's shape (1-2 fit 24 GiB)")
     p.add_argument("--part", choices=("plan", "eig", "all"), default="all")
     p.add_argument("--solver", default="eigh", choices=("eigh", "lobpcg"), help="the solver of the plan's run")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=cli.Number(int, 1, 256, "a positive integer"), default=2, help="torch threads")
     p.add_argument("--data-dir", default=None, help="the data folder (default: as train.py finds it)")
     p.add_argument("--gpu-check", action="store_true", help="on a CUDA machine: stories260K's init on GPU vs CPU, "
                    "then the full 32 blocks against the plan; skips without CUDA")
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same layout (the test's: seconds)")
-    a = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    cli.boundary(lambda: shapes_main(a))
+
+
+def shapes_main(a):
     cfg = train.get_args(["--data-dir", a.data_dir] if a.data_dir else [])
     data = next((d for d in tasks.data_dirs(cfg) if (d / "tokenizer32k" / "tokenizer.model").is_file()), None)
     if data is None:
-        sys.exit(f"tokenizer32k/tokenizer.model not found in {', '.join(map(str, tasks.data_dirs(cfg)))}")
+        raise tasks.UsageError(f"tokenizer32k/tokenizer.model not found in {', '.join(map(str, tasks.data_dirs(cfg)))}")
     shape = TINY if a.tiny else None
     if a.gpu_check:
         if not torch.cuda.is_available() and not a.tiny:
