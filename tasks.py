@@ -287,6 +287,8 @@ class Task:
         self.val_rows = sorted(held) if cfg.val_size else []  # line numbers in the training file, for the record
         test = test[:cfg.eval_limit or (len(test) if cfg.task == "sst2" else 50)]
         self.train, self.val, self.test = train, val, test
+        # what the run reads, as a fingerprint: config.json keeps it, and a resume after the data changed is refused
+        self.fingerprint = hashlib.sha256(json.dumps([train, val, test]).encode()).hexdigest()[:16]
         self.truncated = {"train": 0, "val": 0, "test": 0}
         self.unknown = {"train": 0, "val": 0, "test": 0}  # <unk> tokens: characters outside the tokenizer's alphabet
         self.encoded = {split: [self._encode(tok, ex, split) for ex in getattr(self, split)]

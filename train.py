@@ -351,6 +351,17 @@ RESUMABLE = ("resume", "overwrite", "out_dir", "log_interval", "eval_interval", 
              "download")
 
 
+def changed(saved: dict, now: dict) -> list:
+    """The settings in which a saved run differs from this one (those in RESUMABLE aside). The data fingerprint
+    is compared where the saved run has one (runs written before it was recorded have none)."""
+    keys = (set(saved) | set(now)) - set(RESUMABLE) - ({"data_sha256"} if "data_sha256" not in saved else set())
+    return sorted(k for k in keys if saved.get(k) != now.get(k))
+
+
+def what_changed(diff: list) -> str:
+    return ", ".join(("the data (its fingerprint data_sha256)" if k == "data_sha256" else k) for k in diff[:6])
+
+
 RUN_FILES = ("config.json", "metrics.json", "adapter.pt", "init_adapter.pt", "ckpt.pt", "ckpt.prev.pt")
 
 
@@ -366,9 +377,9 @@ def check_out_dir(cfg, out_dir: Path, config: dict):
         except (OSError, ValueError):
             saved = None
         if saved is not None:
-            diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE and saved.get(k) != config.get(k))
+            diff = changed(saved, config)
             if diff:
-                raise UsageError(f"--out-dir {out_dir} holds a run with other settings ({', '.join(diff[:6])}); "
+                raise UsageError(f"--out-dir {out_dir} holds a run with other settings ({what_changed(diff)}); "
                                  f"use another --out-dir, or --overwrite to replace it")
         return
     raise UsageError(f"--out-dir {out_dir} already holds a run ({', '.join(held)}); continue it with --resume, "
@@ -532,11 +543,9 @@ def read_checkpoint(ckpt_file: Path, log):
 def resume(ckpt_file, model, optimizer, config, log):
     """Continue where the checkpoint stopped: LoRA factors, AdamW moments, RNG, metrics, loss history."""
     ckpt = read_checkpoint(ckpt_file, log)
-    saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE}
-    now = {k: v for k, v in config.items() if k not in RESUMABLE}
-    if saved != now:
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise UsageError(f"{ckpt_file} was written with other settings ({', '.join(diff)}); use another --out-dir")
+    diff = changed(ckpt["config"], config)
+    if diff:
+        raise UsageError(f"{ckpt_file} was written with other settings ({what_changed(diff)}); use another --out-dir")
     checkpoints.load_lora(model, ckpt["adapter"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
@@ -653,7 +662,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=F
     params = [p for p in model.parameters() if p.requires_grad]  # A and B of each layer, fp32 (B only if frozen A)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     ckpt_file, config = out_dir / "ckpt.pt", {**resolved(cfg, method, seed, N, setup.data_dir),
-                                              "prompt": task.prompt_record}
+                                              "prompt": task.prompt_record, "data_sha256": task.fingerprint}
     if d.main:
         check_out_dir(cfg, out_dir, config)
     step, metrics, history = start(cfg, model, optimizer, method, seed, N, setup, out_dir, config, log)

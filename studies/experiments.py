@@ -31,11 +31,14 @@ the settings the rate depends on, e.g. the training-set size). A run another stu
 settings is copied (naming its source), not rerun.
 """
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -325,15 +328,61 @@ def run_args(study, name, lr, seed, phase):
     return args + (["--no-test-eval", "--eval-interval", "0", "--decode-limit", "0"] if phase == "select" else [])
 
 
-def load_runs(out: Path) -> dict:
-    """Every run JSON of a study, by name. One that cannot be read, or that names another run than its file, is
-    named on stderr and skipped (it is rerun by the next sitting): never fatal to the other runs or studies."""
+RUN_NAME = re.compile(r"^(select|report)-(.+?)-lr([0-9.e+-]+)-s(\d+)$")
+
+
+def settings_of(args) -> dict:
+    """The parsed settings that decide a run's numbers: not those that only change what is logged or written
+    (train.RESUMABLE), nor GSM8K's decoding limit on another task."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parsed = train.get_args(list(args))
+    except SystemExit:
+        raise ValueError("train.py refuses its arguments")
+    d = {k: v for k, v in vars(parsed).items() if k not in train.RESUMABLE}
+    if d["task"] != "gsm8k":
+        d.pop("decode_limit")
+    return d
+
+
+def check_record(study, name, record):
+    """Why a run JSON is not the run its name says in this study (None if it is): its arguments must parse to
+    the settings the study gives that name (flag order aside), and its config and metrics must carry its seed.
+    A name of another scheme, or of a cell the study no longer has, is not checked (it is never read)."""
+    m = RUN_NAME.match(name)
+    known = m and (set(study.groups) if m[1] == "select" else {c.name for c in study.cells})
+    if not m or m[2] not in known:
+        return None
+    phase, cell, lr, seed = m[1], m[2], float(m[3]), int(m[4])
+    if not isinstance(record.get("args"), list):
+        return "it records no arguments"
+    have, want = (settings_of(a) for a in (record["args"], run_args(study, cell, lr, seed, phase)))
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        return f"its settings are not this study's for that name ({', '.join(diff[:4])} differ)"
+    for part in ("config", "metrics"):
+        if part in record and (not isinstance(record[part], dict) or record[part].get("seed") != seed):
+            return f"its {part} is not seed {seed}'s"
+    if "metrics" not in record and "failed" not in record:
+        return "it holds neither metrics nor a failure"
+    if "metrics" in record and not isinstance(record["metrics"].get("final"), dict):
+        return "its metrics hold no final evaluation"
+    return None
+
+
+def load_runs(out: Path, study=None) -> dict:
+    """Every run JSON of a study, by name. One that cannot be read, that names another run than its file, or
+    (given the study) whose settings or seed are not what its name says, is named on stderr and skipped (the
+    next sitting reruns it): never fatal to the other runs or studies."""
     runs = {}
     for f in sorted((out / "runs").glob("*.json")):
         try:
             record = json.loads(f.read_text())
             if not isinstance(record, dict) or record.get("name", f.stem) != f.stem:
                 raise ValueError(f"it records run {record.get('name') if isinstance(record, dict) else record!r:.60}")
+            why = check_record(study, f.stem, record) if study is not None else None
+            if why:
+                raise ValueError(why)
         except (OSError, ValueError) as e:
             print(f"skipping {f}: {e} (delete it to rerun that run)", file=sys.stderr)
             continue
@@ -386,10 +435,17 @@ def finished_runs(folders) -> dict:
     index = {}
     for folder in folders:
         for f in sorted(Path(folder).glob("*/runs/*.json")):
-            rec = json.loads(f.read_text())
+            try:
+                rec = json.loads(f.read_text())
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:  # another study's broken file: named, never fatal here
+                print(f"skipping {f}: {e} (not reused)", file=sys.stderr)
+                continue
             # a report run made before runs recorded their predictions cannot say whether it collapsed: rerun it
+            final = (rec.get("metrics") or {}).get("final") if isinstance(rec.get("metrics"), dict) else None
             unrecorded = f.stem.startswith("report-") and "metrics" in rec and \
-                rec["metrics"]["final"].get("predicted_positive") is None
+                (not isinstance(final, dict) or final.get("predicted_positive") is None)
             if "copied_from" not in rec and "args" in rec and not unrecorded:
                 index.setdefault(config_key(rec["args"]), f)
     return index
@@ -576,11 +632,11 @@ def run_study(name, study, out, n_jobs, shared=None):
     sel = [(run_name(g, lr, s, "select"), run_args(study, g, lr, s, "select"), out) for g, lr, s in grid(study, "select")]
     run_all(sel, out, n_jobs, f"{name}: selection on the validation split", shared)
     ties = [(run_name(g, lr, s, "select"), run_args(study, g, lr, s, "select"), out) for g, lr, s in
-            tie_grid(study, load_runs(out))]
+            tie_grid(study, load_runs(out, study))]
     if ties:
         run_all(ties, out, n_jobs, f"{name}: tie-breaking seeds {study.tie_seeds} where the two best rates are within "
                                    f"1 point", shared)
-    chosen = select_lrs(study, load_runs(out))
+    chosen = select_lrs(study, load_runs(out, study))
     rep = [(run_name(c, lr, s, "report"), run_args(study, c, lr, s, "report"), out)
            for c, lr, s in grid(study, "report", chosen)]
     run_all(rep, out, n_jobs, f"{name}: report runs at each cell's chosen rate", shared)
@@ -620,7 +676,7 @@ def verdict(d, h, pct, a="LoRA-DA"):
 
 
 def aggregate(name, study, out: Path) -> str:
-    runs = load_runs(out)
+    runs = load_runs(out, study)
     chosen = select_lrs(study, runs)
     own = [r for r in runs.values() if "copied_from" not in r]
     lines = [f"# {name}: {study.task}, {' '.join(study.args)}", ""] + ([study.question, ""] if study.question else []) + [
@@ -949,7 +1005,7 @@ def distance(out: Path) -> str:
     norms = cached(out / "norms.json", compute)
     gains = {}
     for label, study in (("SST-2 (movie reviews)", "baselines"), ("GSM8K (word problems)", "gsm8k")):
-        st, runs = STUDIES[study], load_runs(RESULTS / study)
+        st, runs = STUDIES[study], load_runs(RESULTS / study, STUDIES[study])
         chosen = select_lrs(st, runs)
         loss = report_scores(st, runs, chosen, "loss")
         if "da" in loss and "lora" in loss:
@@ -1283,10 +1339,10 @@ def study_main(a):
         print(planted.aggregate(out))
         return
     if study.of:  # convergence: read the runs of another study, run nothing
-        print(convergence(STUDIES[study.of[0]], load_runs(RESULTS / study.of[0]), out))
+        print(convergence(STUDIES[study.of[0]], load_runs(RESULTS / study.of[0], STUDIES[study.of[0]]), out))
         return
     if a.list:
-        runs = load_runs(out)
+        runs = load_runs(out, study)
         for m, lr, s in grid(study, "select"):
             n = run_name(m, lr, s, "select")
             print(("done  " if n in runs else "to do ") + n)

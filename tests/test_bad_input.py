@@ -336,6 +336,49 @@ def test_a_second_writer_on_the_same_out_dir_is_refused_and_a_stale_lock_is_take
     assert (out / "metrics.json").is_file() and not (out / ".lock").exists()
 
 
+def test_a_multi_run_locks_each_run_folder_and_refuses_one_in_use(tmp_path, data, monkeypatch):
+    """Several runs share one --out-dir: the folder and each run's subfolder are locked before anything is
+    written, so a run started by hand in a subfolder cannot be overwritten (compare.md would report it lost)."""
+    import train
+    out = tmp_path / "multi"
+    (out / "da-s9").mkdir(parents=True)
+    (out / "da-s9" / ".lock").write_text(str(os.getpid()))  # a live process (this test) runs there
+    r = cli("train.py", *FAST, "--init", "lora,da", "--out-dir", str(out))
+    assert r.returncode == 2 and f"{out / 'da-s9'} is in use by process {os.getpid()}" in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["da-s9"] and not (out / ".lock").exists()  # nothing left
+    (out / "da-s9" / ".lock").unlink()
+    seen = {}
+
+    def load(cfg, *a, **k):  # stands in for loading the model: look at the locks held at that moment
+        seen.update({str(p.relative_to(out)): int(p.read_text()) for p in out.rglob(".lock")})
+        raise ValueError("stop here")
+    monkeypatch.setattr(train, "load", load)
+    with pytest.raises(ValueError, match="stop here"):
+        train.main_of(train.get_args([*FAST, "--init", "lora,da", "--seeds", "2", "--out-dir", str(out)]))
+    assert seen == {n: os.getpid() for n in (".lock", "lora-s9/.lock", "lora-s10/.lock", "da-s9/.lock",
+                                             "da-s10/.lock")}
+    assert not list(out.rglob(".lock"))
+
+
+def test_resume_after_the_training_data_changed_is_refused(tmp_path, data):
+    """The same settings, the same folder, other data: config.json keeps the data's fingerprint."""
+    d = tmp_path / "data"
+    shutil.copytree(data / "stories260K", d / "stories260K")
+    (d / "sst2").mkdir()
+    shutil.copy(data / "sst2" / "dev.tsv", d / "sst2" / "dev.tsv")
+    rows = (data / "sst2" / "train.tsv").read_text().splitlines()[:61]
+    (d / "sst2" / "train.tsv").write_text("\n".join(rows) + "\n")
+    args = [*FAST, "--init", "lora", "--data-dir", str(d), "--out-dir", str(tmp_path / "run")]
+    assert cli("train.py", *args).returncode == 0
+    first = json.loads((tmp_path / "run" / "config.json").read_text())["data_sha256"]
+    r = cli("train.py", *args, "--resume")  # the same data: the finished run is continued (nothing to do)
+    assert r.returncode == 0, r.stderr
+    (d / "sst2" / "train.tsv").write_text("\n".join(rows[:1] + [rows[2], rows[1]] + rows[3:]) + "\n")  # two swapped
+    r = cli("train.py", *args, "--resume")
+    assert r.returncode == 2 and "other settings (the data (its fingerprint data_sha256))" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_sha256"] == first  # nothing written
+
+
 def test_a_custom_init_sample_cut_to_max_len_is_counted(tmp_path, bad, data):
     r = cli("train.py", "--init", "da", "--init-only", "--init-data", str(bad / "long.txt"), "--max-len", "64",
             "--stats-batch-size", "2", "--out-dir", str(tmp_path / "run"))

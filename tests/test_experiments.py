@@ -1,5 +1,6 @@
 """studies/experiments.py: the protocol's machinery on a tiny grid (seconds): runs become JSONs, a rerun skips them,
 selection never reads the test set, and the tables hold the right means, intervals and paired differences."""
+import json
 import math
 
 import pytest
@@ -201,3 +202,44 @@ def test_a_worker_reuses_its_loaded_data_only_for_the_same_data_settings(monkeyp
                    ["--max-len", "64"], ["--eval-limit", "5"], ["--task", "gsm8k"], ["--no-test-eval"],
                    ["--model", "babyllama936K"], ["--tokenizer", "t.model"]):
         assert E._setup(train.get_args(change), None) is not E._setup(base, None), change
+
+
+def test_a_run_json_that_is_not_the_run_its_name_says_is_named_and_skipped(tmp_path, capsys):
+    """Before a table reads a run, its JSON must parse, name itself, and carry the arguments and seed the study
+    gives that name; GSM8K's decoding limit on SST-2 changes no number and is not a difference. A broken file in
+    another study's folder is named and skipped when runs are looked up for reuse, never fatal."""
+    st = E.STUDIES["baselines"]
+    runs = tmp_path / "baselines" / "runs"
+    runs.mkdir(parents=True)
+
+    def write(name, args, seed, **extra):
+        rec = {"name": name, "args": args, "config": {"seed": seed}, "metrics": {"seed": seed, "final": {}}, **extra}
+        (runs / f"{name}.json").write_text(json.dumps(rec))
+    good = E.run_args(st, "da", 1e-3, 101, "select")
+    write("select-da-lr0.001-s101", good, 101)
+    older = E.run_args(st, "lora", 1e-3, 101, "select")
+    assert older[-2:] == ["--decode-limit", "0"]
+    write("select-lora-lr0.001-s101", older[:-2], 101)                            # older runs lack the flag
+    write("select-da-lr0.001-s102", good, 101)                                    # the arguments say seed 101
+    write("select-da-lr0.003-s101", good, 101)                                    # ... and rate 1e-3
+    write("report-da-lr0.001-s1", E.run_args(st, "da", 1e-3, 1, "report"), 2)     # metrics of seed 2
+    write("report-da-lr0.001-s2", E.run_args(st, "da", 1e-3, 2, "report") + ["--rank", "4"], 2)
+    write("report-da-lr0.001-s3", E.run_args(st, "da", 1e-3, 3, "report") + ["--rank", "0"], 3)  # not even valid
+    (runs / "select-da-lr0.01-s101.json").write_text('{"name": "select-da-lr0.01-s1')  # cut off mid-write
+    write("report-da-lr0.001-s4", E.run_args(st, "da", 1e-3, 4, "report"), 4)
+    rec = json.loads((runs / "report-da-lr0.001-s4.json").read_text())
+    del rec["metrics"]["final"]
+    (runs / "report-da-lr0.001-s4.json").write_text(json.dumps(rec))
+    loaded = E.load_runs(tmp_path / "baselines", st)
+    assert sorted(loaded) == ["select-da-lr0.001-s101", "select-lora-lr0.001-s101"]
+    err = capsys.readouterr().err
+    for name, why in (("select-da-lr0.001-s102", "seed differ"), ("select-da-lr0.003-s101", "lr differ"),
+                      ("report-da-lr0.001-s1", "its config is not seed 1's"), ("report-da-lr0.001-s2", "rank differ"),
+                      ("report-da-lr0.001-s3", "train.py refuses its arguments"),
+                      ("report-da-lr0.001-s4", "no final evaluation"),
+                      ("select-da-lr0.01-s101", "skipping")):
+        line = next(x for x in err.splitlines() if name + ".json" in x)
+        assert why in line, line
+    assert len(E.load_runs(tmp_path / "baselines")) == 8  # without the study: only names are checked
+    index = E.finished_runs([tmp_path])
+    assert "select-da-lr0.01-s101.json" in capsys.readouterr().err and len(index) >= 1
