@@ -128,18 +128,30 @@ class BPETokenizer:
     def from_tokenizer_json(cls, path, pre="smollm"):
         """A Hugging Face tokenizer.json (model.type BPE, byte-level): vocab, merges, added tokens."""
         try:
-            tj = json.loads(Path(path).read_text(encoding="utf-8"))
+            tj = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a byte-order mark is allowed
             model = tj["model"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})")
-        if model.get("type") != "BPE":
-            raise ValueError(f"{path}: model.type is {model.get('type')!r}; only BPE is implemented")
-        vocab = model["vocab"]
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            raise ValueError(f"{path}: model.type is {model.get('type') if isinstance(model, dict) else model!r}; "
+                             f"only BPE is implemented")
+        vocab, added_tokens = model.get("vocab"), tj.get("added_tokens", [])
+        if not (isinstance(vocab, dict) and vocab and all(isinstance(k, str) and type(v) is int and 0 <= v < 10 ** 7
+                                                          for k, v in vocab.items())):
+            raise ValueError(f"{path}: model.vocab must be a non-empty object of piece -> id (ids 0 .. 10^7)")
+        if not (isinstance(added_tokens, list) and all(isinstance(a, dict) and type(a.get("id")) is int and
+                                                       0 <= a["id"] < 10 ** 7 and isinstance(a.get("content"), str)
+                                                       for a in added_tokens)):
+            raise ValueError(f"{path}: added_tokens must be a list of {{\"id\": int, \"content\": str}} objects")
+        if not isinstance(model.get("merges", []), list) or not all(
+                isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
+                for m in model.get("merges", [])):
+            raise ValueError(f"{path}: model.merges must be a list of 'a b' strings or [a, b] pairs")
         tokens = [None] * (max(vocab.values()) + 1)
         for piece, i in vocab.items():
             tokens[i] = piece
         types = [1] * len(tokens)
-        for added in tj.get("added_tokens", []):
+        for added in added_tokens:
             while added["id"] >= len(tokens):
                 tokens.append(None)
                 types.append(1)

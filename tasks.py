@@ -155,24 +155,34 @@ def sst2_prompt(cfg, tok) -> str:
 
 
 def read_text(path):
-    """A data file's text; invalid UTF-8 is refused with the file and line."""
-    data = Path(path).read_bytes()
+    """A data file's text: a UTF-8 byte-order mark is dropped (spreadsheet exports write one), CRLF line ends
+    read as LF (splitlines), invalid UTF-8 is refused with the file and line, and so is a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UsageError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})")
 
 
 def read_sst2(path):
+    """GLUE SST-2's tsv: the header 'sentence<TAB>label', then one sentence and its 0/1 label per line (the
+    sentence is everything before the last tab). A blank line is refused, as is a repeated header."""
     rows = read_text(path).splitlines()
     if not rows or rows[0].split("\t")[:2] != ["sentence", "label"]:
-        raise UsageError(f"{path}: expected a GLUE SST-2 tsv with header 'sentence<TAB>label'")
+        raise UsageError(f"{path}:1: expected a GLUE SST-2 tsv with header 'sentence<TAB>label'"
+                         + (f", got {rows[0][:60]!r}" if rows else ", got an empty file"))
     out = []
     for i, row in enumerate(rows[1:], start=2):
+        if "\t" not in row:
+            raise UsageError(f"{path}:{i}: no tab: expected 'sentence<TAB>label', got {row[:60]!r}")
         sentence, _, label = row.rpartition("\t")
-        if label not in ("0", "1"):
-            raise UsageError(f"{path}:{i}: label must be 0 or 1, got {label!r}")
+        if label.strip() not in ("0", "1"):
+            raise UsageError(f"{path}:{i}: label must be 0 or 1, got {label[:20]!r}"
+                             + (" (a repeated header?)" if row.split("\t")[:2] == ["sentence", "label"] else ""))
         if not sentence.strip():
             raise UsageError(f"{path}:{i}: empty sentence (expected 'sentence<TAB>label')")
         out.append((sentence.strip(), int(label)))
@@ -181,36 +191,57 @@ def read_sst2(path):
     return out
 
 
-def read_gsm8k(path):
-    out = []
+def nonempty_strings(path, i, ex, keys, may_be_empty=()):
+    """The values of keys in one JSON line, each a string, non-empty unless in may_be_empty; else refused with
+    file:line (a null or a number is not silently turned into text)."""
+    if not isinstance(ex, dict):
+        raise UsageError(f"{path}:{i}: expected a JSON object with {' and '.join(keys)}, got {type(ex).__name__}")
+    for k in keys:
+        if k not in ex:
+            raise UsageError(f"{path}:{i}: missing {k!r} (expected a JSON object with {' and '.join(keys)})")
+        if not isinstance(ex[k], str) or not (ex[k].strip() or k in may_be_empty):
+            raise UsageError(f"{path}:{i}: {k!r} must be a non-empty string, got {ex[k]!r:.40}")
+    return tuple(ex[k] for k in keys)
+
+
+def json_lines(path):
+    """(line number, parsed object) for each non-blank line of a .jsonl file; a line that is not JSON is
+    refused with file:line."""
     for i, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            ex = json.loads(line)
-            out.append((ex["question"], ex["answer"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UsageError(f"{path}:{i}: expected a JSON object with question and answer ({e})")
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{i}: not JSON ({e.msg} at column {e.colno})")
+
+
+def read_gsm8k(path):
+    """GSM8K's jsonl: {"question", "answer"} per line, the answer a worked solution ending '#### <number>'
+    (the exact match reads that number). Blank lines are skipped."""
+    out = []
+    for i, ex in json_lines(path):
+        question, answer = nonempty_strings(path, i, ex, ("question", "answer"))
+        if not re.search(r"####\s*-?[\d,]*\.?\d+", answer):
+            raise UsageError(f"{path}:{i}: the answer has no final '#### <number>' marker")
+        out.append((question, answer))
     if not out:
         raise UsageError(f"{path}: no examples")
     return out
 
 
 def read_init_data(path):
-    """--init-data: a .jsonl file of {"prompt", "answer"} objects, or a text file with one sample per line
-    (all of it scored) -> (prompt, answer) pairs."""
+    """--init-data: a .jsonl file of {"prompt", "answer"} objects (the prompt may be empty, the answer not), or
+    a text file with one sample per line, all of it scored (blank lines skipped) -> (prompt, answer) pairs."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--init-data {path}: no such file")
-    lines = [line for line in read_text(path).splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         out = []
-        for i, line in enumerate(lines, start=1):
-            try:
-                ex = json.loads(line)
-                out.append((str(ex["prompt"]), str(ex["answer"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UsageError(f"{path}:{i}: expected a JSON object with prompt and answer ({e})")
+        for i, ex in json_lines(path):
+            out.append(nonempty_strings(path, i, ex, ("prompt", "answer"), may_be_empty=("prompt",)))
     else:
-        out = [("", line) for line in lines]
+        out = [("", line) for line in read_text(path).splitlines() if line.strip()]
     if not out:
         raise UsageError(f"--init-data {path}: no samples")
     return out

@@ -1,0 +1,150 @@
+"""Every data reader over its whole input range, as one table: for SST-2's tsv, GSM8K's jsonl, --init-data (text
+and jsonl), a tokenizer.json and a GGUF file, the same classes of damage (empty file, header only, an empty or
+null field, a label outside its set, a byte that is not UTF-8, a byte-order mark, CRLF line ends, an over-long
+line, a repeated header, no separator, a missing file). Each is refused in one line naming file:line where a
+line is at fault, or read as documented (a BOM and CRLF change nothing; a long line is read whole)."""
+import json
+
+import pytest
+
+import bpe
+import checkpoints
+import tasks
+
+SST2 = "sentence\tlabel\na gorgeous film\t1\na dull one\t0\n"
+GSM = ('{"question": "Tom has 2 apples and buys 3. How many?", "answer": "2 + 3 = 5\\n#### 5"}\n'
+       '{"question": "Half of 8?", "answer": "8 / 2 = 4\\n#### 4"}\n')
+INIT_JSONL = '{"prompt": "Review: fine\\nSentiment:", "answer": " positive"}\n{"prompt": "", "answer": "Once upon"}\n'
+INIT_TXT = "once upon a time\nthere was a cat\n"
+LONG = "a " * 60000
+
+# reader, file name, case, file content (bytes or text), expected: ("ok", rows) or ("refused", fragment)
+READ = {"sst2": (tasks.read_sst2, "train.tsv"), "gsm8k": (tasks.read_gsm8k, "train.jsonl"),
+        "init-jsonl": (tasks.read_init_data, "init.jsonl"), "init-txt": (tasks.read_init_data, "init.txt")}
+GOOD = {"sst2": (SST2, [("a gorgeous film", 1), ("a dull one", 0)]),
+        "gsm8k": (GSM, [("Tom has 2 apples and buys 3. How many?", "2 + 3 = 5\n#### 5"), ("Half of 8?", "8 / 2 = 4\n#### 4")]),
+        "init-jsonl": (INIT_JSONL, [("Review: fine\nSentiment:", " positive"), ("", "Once upon")]),
+        "init-txt": (INIT_TXT, [("", "once upon a time"), ("", "there was a cat")])}
+CASES = [
+    ("sst2", "empty file", "", ("refused", "train.tsv:1: expected a GLUE SST-2 tsv with header 'sentence<TAB>label', got an empty file")),
+    ("sst2", "header only", "sentence\tlabel\n", ("refused", "train.tsv: no examples after the header")),
+    ("sst2", "empty sentence", "sentence\tlabel\n\t1\n", ("refused", "train.tsv:2: empty sentence")),
+    ("sst2", "empty label", "sentence\tlabel\ngood\t\n", ("refused", "train.tsv:2: label must be 0 or 1, got ''")),
+    ("sst2", "label outside the set", "sentence\tlabel\ngood\t2\n", ("refused", "train.tsv:2: label must be 0 or 1, got '2'")),
+    ("sst2", "not UTF-8", b"sentence\tlabel\ngood\t1\nbad \xff\t0\n", ("refused", "train.tsv:3: not valid UTF-8")),
+    ("sst2", "byte-order mark", "\ufeff" + SST2, ("ok", None)),
+    ("sst2", "CRLF", SST2.replace("\n", "\r\n"), ("ok", None)),
+    ("sst2", "over-long line", f"sentence\tlabel\n{LONG}\t1\n", ("ok", [(LONG.strip(), 1)])),
+    ("sst2", "repeated header", "sentence\tlabel\nsentence\tlabel\ngood\t1\n", ("refused", "train.tsv:2: label must be 0 or 1, got 'label' (a repeated header?)")),
+    ("sst2", "no separator", "sentence\tlabel\na line without its tab\n", ("refused", "train.tsv:2: no tab")),
+    ("sst2", "blank line", "sentence\tlabel\ngood\t1\n\nbad\t0\n", ("refused", "train.tsv:3: no tab")),
+    ("sst2", "missing file", None, ("refused", "train.tsv: no such file")),
+    ("gsm8k", "empty file", "", ("refused", "train.jsonl: no examples")),
+    ("gsm8k", "blank lines only", "\n\n", ("refused", "train.jsonl: no examples")),
+    ("gsm8k", "empty question", '{"question": "", "answer": "#### 1"}\n', ("refused", "train.jsonl:1: 'question' must be a non-empty string")),
+    ("gsm8k", "null answer", '{"question": "q?", "answer": null}\n', ("refused", "train.jsonl:1: 'answer' must be a non-empty string, got None")),
+    ("gsm8k", "number question", '{"question": 7, "answer": "#### 7"}\n', ("refused", "train.jsonl:1: 'question' must be a non-empty string, got 7")),
+    ("gsm8k", "answer without its marker", '{"question": "q?", "answer": "it is 5"}\n', ("refused", "train.jsonl:1: the answer has no final '#### <number>' marker")),
+    ("gsm8k", "missing field", '{"question": "q?"}\n', ("refused", "train.jsonl:1: missing 'answer'")),
+    ("gsm8k", "not an object", '["q?", "#### 1"]\n', ("refused", "train.jsonl:1: expected a JSON object with question and answer, got list")),
+    ("gsm8k", "not JSON", GSM + '{"question": "cut off\n', ("refused", "train.jsonl:3: not JSON")),
+    ("gsm8k", "not UTF-8", GSM.encode() + b'{"question": "\xff", "answer": "#### 1"}\n', ("refused", "train.jsonl:3: not valid UTF-8")),
+    ("gsm8k", "byte-order mark", "\ufeff" + GSM, ("ok", None)),
+    ("gsm8k", "CRLF", GSM.replace("\n", "\r\n"), ("ok", None)),
+    ("gsm8k", "over-long line", json.dumps({"question": LONG, "answer": "#### 1"}) + "\n", ("ok", [(LONG, "#### 1")])),
+    ("gsm8k", "missing file", None, ("refused", "train.jsonl: no such file")),
+    ("init-jsonl", "empty file", "", ("refused", "init.jsonl: no samples")),
+    ("init-jsonl", "empty answer", '{"prompt": "p", "answer": ""}\n', ("refused", "init.jsonl:1: 'answer' must be a non-empty string")),
+    ("init-jsonl", "null prompt", '{"prompt": null, "answer": "a"}\n', ("refused", "init.jsonl:1: 'prompt' must be a non-empty string, got None")),
+    ("init-jsonl", "not UTF-8", b'{"prompt": "\xfe", "answer": "a"}\n', ("refused", "init.jsonl:1: not valid UTF-8")),
+    ("init-jsonl", "byte-order mark", "\ufeff" + INIT_JSONL, ("ok", None)),
+    ("init-jsonl", "CRLF", INIT_JSONL.replace("\n", "\r\n"), ("ok", None)),
+    ("init-jsonl", "missing file", None, ("refused", "--init-data")),
+    ("init-txt", "empty file", "", ("refused", "init.txt: no samples")),
+    ("init-txt", "blank lines only", "\n \n\t\n", ("refused", "init.txt: no samples")),
+    ("init-txt", "not UTF-8", b"fine\n\x80bad\n", ("refused", "init.txt:2: not valid UTF-8")),
+    ("init-txt", "byte-order mark", "\ufeff" + INIT_TXT, ("ok", None)),
+    ("init-txt", "CRLF", INIT_TXT.replace("\n", "\r\n"), ("ok", None)),
+    ("init-txt", "over-long line", LONG + "\n", ("ok", [("", LONG)])),
+    ("init-txt", "missing file", None, ("refused", "init.txt: no such file")),
+]
+
+
+@pytest.mark.parametrize("reader,case,content,expected", CASES, ids=[f"{r}: {c}" for r, c, _, _ in CASES])
+def test_a_data_reader_refuses_in_one_line_or_reads_as_documented(reader, case, content, expected, tmp_path):
+    read, name = READ[reader]
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    kind, want = expected
+    if kind == "refused":
+        with pytest.raises(ValueError) as e:
+            read(path)
+        assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
+    else:
+        assert read(path) == (want if want is not None else GOOD[reader][1])
+
+
+def test_the_good_files_of_the_table_read_as_written(tmp_path):
+    """The table's reference contents themselves: what a BOM or CRLF must leave unchanged."""
+    for reader, (text, rows) in GOOD.items():
+        read, name = READ[reader]
+        (tmp_path / name).write_text(text)
+        assert read(tmp_path / name) == rows
+
+
+def tokenizer_json(**change):
+    tj = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]},
+          "added_tokens": [{"id": 3, "content": "<|im_end|>", "special": True}]}
+    for key, value in change.items():
+        (tj["model"] if key in ("vocab", "merges", "type") else tj)[key] = value
+    return json.dumps(tj)
+
+
+@pytest.mark.parametrize("case,content,fragment", [
+    ("empty file", "", "not a Hugging Face tokenizer.json"),
+    ("not UTF-8", b'{"model": "\xff"}', "not a Hugging Face tokenizer.json"),
+    ("no model", '{"added_tokens": []}', "not a Hugging Face tokenizer.json ('model')"),
+    ("model not BPE", tokenizer_json(type="Unigram"), "model.type is 'Unigram'"),
+    ("empty vocab", tokenizer_json(vocab={}), "model.vocab must be a non-empty object"),
+    ("vocab of lists", tokenizer_json(vocab=["a", "b"]), "model.vocab must be a non-empty object"),
+    ("negative id", tokenizer_json(vocab={"a": -1}), "model.vocab must be a non-empty object"),
+    ("huge id", tokenizer_json(vocab={"a": 10 ** 12}), "model.vocab must be a non-empty object"),
+    ("null content", tokenizer_json(added_tokens=[{"id": 3, "content": None}]), "added_tokens must be a list"),
+    ("merges of numbers", tokenizer_json(merges=[1, 2]), "model.merges must be a list"),
+    ("gap in ids", tokenizer_json(vocab={"a": 0, "b": 5}), "the vocabulary has gaps"),
+])
+def test_a_tokenizer_json_reader_refuses_each_damage_in_one_line(case, content, fragment, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError) as e:
+        bpe.load_tokenizer(path)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_tokenizer_json_with_a_byte_order_mark_or_crlf_reads_the_same(tmp_path):
+    plain, marked = tmp_path / "a.json", tmp_path / "b.json"
+    plain.write_text(tokenizer_json())
+    marked.write_bytes(b"\xef\xbb\xbf" + tokenizer_json().replace(", ", ",\r\n").encode())
+    a, b = bpe.load_tokenizer(plain), bpe.load_tokenizer(marked)
+    assert a.pieces == b.pieces and a.encode("abab") == b.encode("abab") == [2, 2]
+
+
+@pytest.mark.parametrize("case,content,fragment", [
+    ("empty file", b"", "not a GGUF file"),
+    ("magic only", b"GGUF", "truncated GGUF header"),
+    ("a missing file", None, "cannot read"),
+    ("a key that is not UTF-8", b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") +
+     (1).to_bytes(8, "little") + (2).to_bytes(8, "little") + b"\xff\xfe", "is not UTF-8"),
+    ("a key longer than the file", b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") +
+     (1).to_bytes(8, "little") + (2 ** 40).to_bytes(8, "little"), "truncated GGUF header"),
+    ("more keys than bytes", b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") +
+     (2 ** 50).to_bytes(8, "little"), "claims 0 tensors and 1125899906842624 metadata keys"),
+])
+def test_a_gguf_reader_refuses_each_damage_in_one_line(case, content, fragment, tmp_path):
+    path = tmp_path / "m.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        checkpoints.read_gguf(path)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
