@@ -131,43 +131,96 @@ def read_json(path: Path) -> dict:
     return out
 
 
+# The config readers go by allow-list: each field they know is read (type- and range-checked), accepted only at
+# the value this code implements, or known to be metadata that never changes the computation. Any other field
+# is refused by name: a field this reader has never heard of may change the model, and ignoring it would compute
+# a different model without a word.
+def _pos_int(v):
+    return type(v) is int and 0 < v < 2 ** 31
+
+
+def _pos_float(hi):
+    return lambda v: type(v) in (int, float) and math.isfinite(v) and 0 < v <= hi
+
+
+def _check_fields(c: dict, source, read: dict, neutral: dict, metadata: set):
+    for key, value in c.items():
+        if key in read:
+            ok, what = read[key]
+            if value is not None and not ok(value):
+                raise CheckpointError(f"{source}: {key} must be {what}, got {value!r:.60}")
+        elif key in neutral:
+            if value not in neutral[key]:
+                raise CheckpointError(f"{source}: {key} = {value!r:.80} is not implemented here (only "
+                                      f"{' or '.join(map(repr, neutral[key]))}); this model would be computed wrongly")
+        elif key not in metadata:
+            raise CheckpointError(f"{source}: unknown field {key!r} (= {value!r:.40}); it may change the model and "
+                                  f"is not implemented here (remove it only if it does not)")
+
+
+POS_INT, EPS, SCALE = (_pos_int, "a positive integer"), (_pos_float(1.0), "a number in (0, 1]"), \
+    (_pos_float(1e12), "a positive number")
+META_READ = {"dim": POS_INT, "n_layers": POS_INT, "n_heads": POS_INT, "n_kv_heads": POS_INT,
+             "vocab_size": (lambda v: type(v) is int and (v == -1 or _pos_int(v)), "a positive integer or -1"),
+             "hidden_dim": POS_INT, "multiple_of": POS_INT, "ffn_dim_multiplier": SCALE, "norm_eps": EPS,
+             "rope_theta": SCALE, "max_seq_len": POS_INT}
+META_NEUTRAL = {"use_scaled_rope": (False,)}       # LLaMA 3.1's scaled RoPE is not implemented
+META_METADATA = {"max_batch_size"}                 # an inference setting of Meta's code
+
+
 def meta_args(p: dict, source, vocab_size: Optional[int] = None, tied: bool = False) -> ModelArgs:
     """ModelArgs from Meta's params.json: the one place it is parsed. Meta writes vocab_size -1 (the
     tokenizer decides): then vocab_size (read off the embedding), else LLaMA-2's 32000."""
+    _check_fields(p, source, META_READ, META_NEUTRAL, META_METADATA)
     try:
         vocab = p.get("vocab_size", -1)
         return ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
                          vocab_size=vocab if vocab and vocab > 0 else (vocab_size or 32000),
-                         hidden_dim=p.get("hidden_dim"), multiple_of=p.get("multiple_of", 256),
-                         ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p.get("norm_eps", 1e-5),
-                         rope_theta=p.get("rope_theta", 10000.0), max_seq_len=p.get("max_seq_len", 4096),
+                         hidden_dim=p.get("hidden_dim"), multiple_of=p.get("multiple_of") or 256,
+                         ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p.get("norm_eps") or 1e-5,
+                         rope_theta=p.get("rope_theta") or 10000.0, max_seq_len=p.get("max_seq_len") or 4096,
                          tie_embeddings=tied)
     except KeyError as e:
         raise CheckpointError(f"{source}: missing key {e}")
 
 
+HF_READ = {"hidden_size": POS_INT, "num_hidden_layers": POS_INT, "num_attention_heads": POS_INT,
+           "num_key_value_heads": POS_INT, "vocab_size": POS_INT, "intermediate_size": POS_INT,
+           "max_position_embeddings": POS_INT, "head_dim": POS_INT, "rms_norm_eps": EPS, "rope_theta": SCALE,
+           "tie_word_embeddings": (lambda v: type(v) is bool, "true or false"),
+           # transformers 5 keeps θ here: {"rope_type": "default", "rope_theta": θ}; any other rope_type is refused
+           "rope_parameters": (lambda v: isinstance(v, dict) and v.get("rope_type", "default") == "default" and
+                               set(v) <= {"rope_type", "rope_theta"} and _pos_float(1e12)(v.get("rope_theta", 1.0)),
+                               "{'rope_type': 'default', 'rope_theta': θ} (scaled RoPE is not implemented)")}
 # config.json fields that change LLaMA's computation and are not implemented here: the values accepted
 HF_UNSUPPORTED = {"rope_scaling": (None,), "attention_bias": (None, False), "mlp_bias": (None, False),
-                  "hidden_act": (None, "silu"), "pretraining_tp": (None, 1)}
+                  "hidden_act": (None, "silu"), "pretraining_tp": (None, 1), "attention_dropout": (None, 0, 0.0),
+                  "model_type": (None, "llama"), "rope_interleaved": (None, False)}
+# metadata: names, versions, token ids, dtypes, caching and logging switches; none changes the computation
+HF_METADATA = {"_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
+               "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "tokenizer_class",
+               "output_attentions", "output_hidden_states", "return_dict", "is_llama_config", "id2label",
+               "label2id", "problem_type", "chunk_size_feed_forward"}
 
 
 def hf_args(c: dict, source, has_output: bool = True) -> ModelArgs:
-    """ModelArgs from a Hugging Face config.json: the one place it is parsed. A field that would change the
-    computation and is not implemented is refused by name, never ignored."""
-    for key, accepted in HF_UNSUPPORTED.items():
-        if c.get(key) not in accepted:
-            raise CheckpointError(f"{source}: {key} = {c[key]!r} is not implemented here (only "
-                                  f"{' or '.join(map(repr, accepted))}); this model would be computed wrongly")
+    """ModelArgs from a Hugging Face config.json: the one place it is parsed, by allow-list (above). A field
+    that would change the computation and is not implemented is refused by name, never ignored."""
+    _check_fields(c, source, HF_READ, HF_UNSUPPORTED, HF_METADATA)
     if c.get("head_dim") not in (None, c.get("hidden_size", 0) // max(1, c.get("num_attention_heads", 1))):
         raise CheckpointError(f"{source}: head_dim = {c['head_dim']} differs from hidden_size / num_attention_heads; "
                               f"not implemented here")
+    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    if c.get("rope_theta") and c.get("rope_parameters", {}).get("rope_theta") not in (None, c["rope_theta"]):
+        raise CheckpointError(f"{source}: rope_theta {c['rope_theta']} and rope_parameters.rope_theta "
+                              f"{c['rope_parameters']['rope_theta']} disagree")
     try:
         return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                         n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+                         n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
                          vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
-                         norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=c.get("rope_theta", 10000.0),
-                         max_seq_len=c.get("max_position_embeddings", 4096),
-                         tie_embeddings=c.get("tie_word_embeddings", False) or not has_output)
+                         norm_eps=c.get("rms_norm_eps") or 1e-5, rope_theta=theta,
+                         max_seq_len=c.get("max_position_embeddings") or 4096,
+                         tie_embeddings=c.get("tie_word_embeddings") or not has_output)
     except KeyError as e:
         raise CheckpointError(f"{source}: missing key {e}")
 
@@ -226,6 +279,8 @@ def _read_llama2c(path: Path):
         for name, shape in shapes:
             buf = f.read(4 * math.prod(shape))
             arrays[name] = torch.frombuffer(bytearray(buf), dtype=torch.float32).view(shape)
+    _check_rope_table(path, arrays["freqs_cos"], arrays["freqs_sin"], hd, (D, H, L, n_heads, n_kv_heads,
+                                                                           vocab_size, seq_len))
     sd = {"tok_embeddings.weight": arrays["tok_embeddings.weight"], "norm.weight": arrays["norm.weight"]}
     where = {"attention_norm": "attention_norm.weight", "ffn_norm": "ffn_norm.weight",
              "wq": "attention.wq.weight", "wk": "attention.wk.weight", "wv": "attention.wv.weight",
@@ -239,6 +294,22 @@ def _read_llama2c(path: Path):
     args = ModelArgs(dim=D, n_layers=L, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=V, hidden_dim=H,
                      max_seq_len=seq_len, tie_embeddings=shared)
     return args, sd
+
+
+def _check_rope_table(path, cos, sin, head_dim, header):
+    """The header against what the rest of the file says about itself: llama2.c's export stores its RoPE
+    table (cos and sin of t·θ^(-2i/head_dim), θ = 10,000, for t < seq_len), so a header that lies about the
+    head size or the context while keeping the byte count (n_heads and seq_len halved together) no longer
+    matches it. Tolerance: fp32 angles up to seq_len radians round to ~seq_len·6e-8."""
+    t = torch.arange(cos.shape[0], dtype=torch.float64)[:, None]
+    freqs = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim)
+    angles = t * freqs[None, :]
+    err = max(float((cos.double() - angles.cos()).abs().max()), float((sin.double() - angles.sin()).abs().max()))
+    if not err <= 1e-3:
+        names = ("dim", "hidden", "layers", "heads", "kv_heads", "vocab", "seq_len")
+        raise CheckpointError(f"{path}: the header ({', '.join(f'{n}={v}' for n, v in zip(names, header))}) disagrees "
+                              f"with the file's own RoPE table (off by {err:.2g} for head size {head_dim}); the header "
+                              f"is wrong, or this is not a llama2.c legacy export")
 
 
 # Meta's model parallelism splits each weight along one dimension; merging shards undoes it.

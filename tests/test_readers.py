@@ -148,3 +148,69 @@ def test_a_gguf_reader_refuses_each_damage_in_one_line(case, content, fragment, 
     with pytest.raises(ValueError) as e:
         checkpoints.read_gguf(path)
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# --- config and header readers: by allow-list ---------------------------------------------------------------
+
+HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+      "num_attention_heads": 8, "num_hidden_layers": 5, "num_key_value_heads": 4, "vocab_size": 512,
+      "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True,
+      "hidden_act": "silu", "torch_dtype": "float32", "transformers_version": "5.25.0", "use_cache": True}
+META = {"dim": 64, "n_layers": 5, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512, "multiple_of": 32,
+        "norm_eps": 1e-5, "max_seq_len": 512, "max_batch_size": 32}
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"sliding_window": 4096}, "unknown field 'sliding_window'"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "unknown field 'quantization_config'"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ({"num_hidden_layers": 5.0}, "num_hidden_layers must be a positive integer, got 5.0"),
+    ({"vocab_size": True}, "vocab_size must be a positive integer, got True"),
+    ({"rms_norm_eps": -1e-5}, "rms_norm_eps must be a number in (0, 1]"),
+    ({"rope_theta": float("inf")}, "rope_theta must be a positive number"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"attention_dropout": 0.1}, "attention_dropout = 0.1 is not implemented"),
+    ({"model_type": "mistral"}, "model_type = 'mistral' is not implemented"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "rope_parameters must be"),
+    ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}, "disagree"),
+])
+def test_a_hugging_face_config_is_read_by_allow_list(change, fragment):
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.hf_args({**HF, **change}, "config.json")
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_a_transformers_5_config_gives_its_rope_theta_and_metadata_changes_nothing():
+    base = checkpoints.hf_args(HF, "config.json")
+    v5 = {k: v for k, v in HF.items() if k != "rope_theta"}
+    v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 100000.0}
+    assert checkpoints.hf_args(v5, "config.json").rope_theta == 100000.0
+    noisy = {**HF, "bos_token_id": 0, "pad_token_id": None, "dtype": "bfloat16", "_name_or_path": "x"}
+    assert checkpoints.hf_args(noisy, "config.json") == base
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"use_scaled_rope": True}, "use_scaled_rope = True is not implemented"),
+    ({"dim": 64.5}, "dim must be a positive integer"),
+    ({"vocab_size": -2}, "vocab_size must be a positive integer or -1"),
+    ({"rope_scaling": 8}, "unknown field 'rope_scaling'"),
+    ({"norm_eps": "1e-5"}, "norm_eps must be a number in (0, 1]"),
+])
+def test_a_meta_params_json_is_read_by_allow_list(change, fragment):
+    assert checkpoints.meta_args(META, "params.json").dim == 64
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.meta_args({**META, **change}, "params.json")
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_a_llama2c_header_that_lies_but_keeps_the_byte_count_is_refused(data, tmp_path):
+    """Halving n_heads, n_kv_heads and seq_len together keeps every array's size (kv width n_kv·dim/n_heads and
+    the RoPE table seq_len·head_dim/2 are unchanged): only the file's own RoPE table shows the lie."""
+    import struct
+    blob = bytearray((data / "stories260K" / "stories260K.bin").read_bytes())
+    dim, hidden, layers, heads, kv, vocab, seq = struct.unpack("7i", blob[:28])
+    blob[:28] = struct.pack("7i", dim, hidden, layers, heads // 2, kv // 2, vocab, seq // 2)
+    (tmp_path / "lie.bin").write_bytes(bytes(blob))
+    assert checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin").args.n_heads == heads
+    with pytest.raises(checkpoints.CheckpointError, match="disagrees with the file's own RoPE table"):
+        checkpoints.load_checkpoint(tmp_path / "lie.bin")
