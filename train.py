@@ -80,6 +80,9 @@ SETTINGS = {
         "targets": ("wq,wk,wv,wo,w1,w2,w3", "comma list of target modules (paper: all seven projections)"),
         "dropout": (0.0, "LoRA dropout (paper: 0)"),
         "freeze_A": (False, "freeze A and train B only (LoRA-FA, the setting of the LoRA-DA theory)"),
+        "a_lr_scale": (1.0, "control: A's learning rate is --lr times this (B's is --lr). AdamW moves each entry by "
+                            "about the rate whatever its size, so an A initialized k times smaller than LoRA's moves "
+                            "k times faster relative to itself; --a-lr-scale k undoes that (theory.md §12)"),
     },
     "init": {  # defaults from lora_da.DAConfig and peers.PeerConfig, the one place they are set
         "init_samples": (256, "target samples for the init statistics (paper: 256, the head of the train set)"),
@@ -166,6 +169,7 @@ RANGES = {
     "rank": N_(I_, 1, 65536, "a positive integer (at most the layer's width)"),
     "lora_alpha": N_(float, *SCALE, f"positive, in [{SCALE[0]:g}, {SCALE[1]:g}]"),
     "dropout": N_(float, 0.0, 1 - 2 ** -24, "a probability in [0, 1)"),
+    "a_lr_scale": N_(float, 1e-6, 1e6, "positive, in [1e-6, 1e6]"),
     "init_samples": N_(I_, 1, 10 ** 7, "a positive integer"),
     **{n: N_(float, 0.0, 1e9, ">= 0 (at most 1e9)") for n in ("alpha", "beta", "relative_damping")},
     **{n: N_(float, *SCALE, f"positive, in [{SCALE[0]:g}, {SCALE[1]:g}]") for n in ("gamma", "ga_gamma",
@@ -223,6 +227,8 @@ def get_args(argv=None):
     if cfg.shuffle_labels and not set(cfg.methods) & set(peers.DATA_AWARE):
         p.error(f"--shuffle-labels permutes the init samples' labels: it needs a data-aware --init "
                 f"({', '.join(peers.DATA_AWARE)})")
+    if cfg.a_lr_scale != 1.0 and cfg.freeze_A:
+        p.error("--a-lr-scale scales A's learning rate, but --freeze-A freezes A: use one or the other")
     if cfg.init_data and not cfg.init_only:
         p.error("--init-data gives samples for the initialization only: add --init-only (training needs a task)")
     if not cfg.dry_run:
@@ -506,6 +512,16 @@ def start(cfg, model, optimizer, method, seed, N, setup, out_dir, config, log):
     return 0, fresh_start(cfg, model, method, seed, N, setup, out_dir, log), {"step": [], "loss": []}
 
 
+def param_groups(model, params, cfg):
+    """AdamW's parameter groups: one (every LoRA factor at --lr), or, with --a-lr-scale, the A factors in a group
+    of their own whose rate is scaled (the order of `params` is kept within each group)."""
+    if cfg.a_lr_scale == 1.0:
+        return params
+    a = {id(m.lora_A) for m in llama.lora_layers(model).values()}
+    return [{"params": [p for p in params if id(p) not in a], "lr_scale": 1.0},
+            {"params": [p for p in params if id(p) in a], "lr_scale": cfg.a_lr_scale}]
+
+
 def accumulate_gradient(cfg, model, setup, params, step, seed, perms):
     """Backpropagate step's global batch (grad_accum micro-batches of batch_size): the gradient, summed loss
     (the mean over the step's sequences) and token count of the whole batch, whatever the number of processes."""
@@ -660,7 +676,8 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=F
     log(f"[{method} seed {seed}] -> {out_dir}")
     model = lora_model(cfg, setup, take=take)
     params = [p for p in model.parameters() if p.requires_grad]  # A and B of each layer, fp32 (B only if frozen A)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, params, cfg), lr=cfg.lr, betas=(0.9, 0.999),
+                                  weight_decay=cfg.weight_decay)
     ckpt_file, config = out_dir / "ckpt.pt", {**resolved(cfg, method, seed, N, setup.data_dir),
                                               "prompt": task.prompt_record, "data_sha256": task.fingerprint}
     if d.main:
@@ -681,7 +698,7 @@ def run(cfg, method, seed, out_dir: Path, setup: Setup = None, log=print, take=F
     while step < cfg.steps:
         lr = get_lr(step, cfg.lr, cfg.steps, warmup_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum, tokens = accumulate_gradient(cfg, model, setup, params, step, seed, perms)
         clock.tokens += tokens
         if not math.isfinite(loss_sum):

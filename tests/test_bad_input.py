@@ -111,7 +111,7 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("header-only train.tsv", "train.py", ["--data-dir", "{bad}/headeronly"] + FAST, "train.tsv: no examples after the header"),
     ("invalid utf-8", "train.py", ["--data-dir", "{bad}/utf8"] + FAST, "train.tsv:3: not valid UTF-8"),
     ("empty sentence", "train.py", ["--data-dir", "{bad}/emptysentence"] + FAST, "train.tsv:3: empty sentence"),
-    ("dry run, unknown target", "train.py", ["--dry-run", "--targets", "foo"], "unknown LoRA target modules ['foo']"),
+    ("dry run, unknown target", "train.py", ["--dry-run", "--targets", "foo"], "--targets 'foo': unknown ['foo']"),
     ("tokenizer not sentencepiece", "train.py", ["--tokenizer", "{bad}/tok.model"] + FAST, "not a sentencepiece .model file"),
     ("tokenizer empty", "sample.py", ["--tokenizer", "{bad}/empty.model"], "not a sentencepiece .model file"),
     ("empty checkpoint", "sample.py", ["--checkpoint", "{bad}/cut0.bin"], "cut0.bin: 0 bytes, too short"),

@@ -270,3 +270,27 @@ def test_a_finished_out_dir_is_not_overwritten_by_another_run(tmp_path, data):
     replaced = run_cli(*TINY, "--init", "da", "--overwrite", "--data-dir", str(data), "--out-dir", out)
     assert replaced.returncode == 0, replaced.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["method"] == "da"
+
+
+def test_a_lr_scale_moves_A_by_that_fraction_of_Bs_step(stories):
+    """--a-lr-scale k: AdamW's first step moves every entry by the rate (the gradient's sign times lr), so A's
+    entries move by k·lr and B's by lr; k = 1 keeps the single group (the default runs' optimizer unchanged)."""
+    import copy
+    import llama
+    model = copy.deepcopy(stories)
+    llama.add_lora(model, r=4)
+    llama.mark_only_lora_trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = train.get_args(["--a-lr-scale", "0.1"])
+    assert train.param_groups(model, params, train.get_args([])) is params
+    groups = train.param_groups(model, params, cfg)
+    opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0)
+    for g in opt.param_groups:
+        g["lr"] = 1e-2 * g["lr_scale"]
+    before = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in llama.lora_layers(model).items()}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for n, m in llama.lora_layers(model).items():
+        dA, dB = (m.lora_A - before[n][0]).abs(), (m.lora_B - before[n][1]).abs()
+        assert torch.allclose(dA, torch.full_like(dA, 1e-3), rtol=1e-3) and torch.allclose(dB, torch.full_like(dB, 1e-2), rtol=1e-3)
