@@ -21,8 +21,9 @@ The protocol (FINDINGS.md):
      the test file is not even read);
   2. report: each method at its chosen rate (best mean validation score), on `seeds` other seeds, scored on
      the test set; same step budget, data order (the seed) and validation split for every method;
-  3. aggregate: mean and 95% t-interval per method; LoRA-DA minus each other method paired by seed (the same
-     data order), with its 95% interval; "wins" only where that interval excludes zero.
+  3. aggregate: mean and 95% t-interval per method; each comparison paired by seed (the same data order) under
+     one inference rule (RULE below, in every table's header): a 95% t-interval, the paired t-test and an exact
+     sign-flip test, Holm over all of the study's comparisons; "wins"/"loses" only where all three agree.
 
 Every finished run is one small JSON under studies/results/STUDY/runs/; a rerun skips them, so a study can be
 finished over several sittings and anyone can recompute the tables from the committed files. A study's rows are cells (a
@@ -571,6 +572,92 @@ def holm(pvalues: dict, alpha=0.05) -> dict:
     return out
 
 
+def sign_flip_p(diffs) -> float:
+    """Exact two-sided paired sign-flip (permutation) test of mean 0: under the null each difference's sign is a
+    fair coin, so p is the share of the 2^n sign patterns whose |sum| is at least the observed one (with a
+    relative tolerance, so that the observed pattern and its mirror always count). With n pairs p >= 2/2^n:
+    0.0625 at n = 5, 0.0020 at n = 10."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) == 0 or len(d) > 20:
+        return float("nan")
+    signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)   # every pattern of ±1
+    sums, observed = np.abs(signs @ d), abs(d.sum())
+    return float(np.mean(sums >= observed - 1e-9 * max(1.0, observed)))
+
+
+ALPHA = 0.05
+FLOOR = 0.5  # a cell is at the collapse floor when at least half of its report runs predict one class
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One comparison a − b under the rule: the paired mean difference and its 95% t half-width over n seeds,
+    both tests' p-values, Holm's verdict within the study's family, and whether a cell sits at the floor."""
+    d: float
+    h: float
+    n: int
+    p_t: float
+    p_sign: float
+    holm: bool = False
+    floor: str = ""          # the cell(s) at the collapse floor, named
+
+    @property
+    def p(self):             # the rule's p: both tests must reject, so the larger decides
+        return max(self.p_t, self.p_sign)
+
+    def word(self, higher_better=True, a="a") -> str:
+        """The rule's words: wins/loses (both tests and Holm), resolved (unadjusted), no difference shown."""
+        t_ok, s_ok = self.p_t <= ALPHA, self.p_sign <= ALPHA
+        if t_ok and s_ok and self.holm:
+            out = f"{a} {'wins' if (self.d > 0) == higher_better else 'loses'}"
+        elif t_ok or s_ok:
+            out = "resolved (unadjusted: " + " and ".join(t for t, ok in (("t", t_ok), ("sign-flip", s_ok)) if ok) + ")"
+        else:
+            out = "no difference shown"
+        return out + (f"; {self.floor} at the collapse floor" if self.floor else "")
+
+
+RULE = ("Inference rule (every comparison of this study): paired by seed, Δ with its 95% t-interval; p from the "
+        "paired t-test and from an exact paired sign-flip test; Holm's step-down over all {m} comparisons of this "
+        "study (one family) on the larger of the two, α = 0.05. 'wins'/'loses' only where both tests reject and Holm "
+        "keeps it; 'resolved (unadjusted)' where a test rejects without that; 'no difference shown' where neither "
+        "does. A cell at the collapse floor (half or more of its runs predict one class) is named: not a causal "
+        "reading.")
+
+
+def family(scores: dict, pairs, floor=()) -> dict:
+    """{(a, b): Comparison} for every pair with at least two common seeds, Holm over all of them."""
+    out = {}
+    for a, b in pairs:
+        if a in scores and b in scores and len(set(scores[a]) & set(scores[b])) >= 2:
+            common = sorted(set(scores[a]) & set(scores[b]))
+            m, h = mean_ci([scores[a][s] - scores[b][s] for s in common])
+            out[a, b] = Comparison(m, h, len(common), paired_p(scores[a], scores[b]),
+                                   sign_flip_p([scores[a][s] - scores[b][s] for s in common]),
+                                   floor=" and ".join(c for c in (a, b) if c in floor))
+    for k, ok in holm({k: c.p for k, c in out.items()}).items():
+        out[k].holm = ok
+    return out
+
+
+def at_floor(study, runs, chosen) -> set:
+    """The cells at the collapse floor: half or more of their report runs predict one class."""
+    out = set()
+    for c in study.cells:
+        recs = report_records(study, runs, chosen, c.name)
+        if recs and sum(map(collapsed, recs)) >= FLOOR * len(recs):
+            out.add(c.name)
+    return out
+
+
+def study_family(study, runs, chosen) -> dict:
+    """The study's one family: its pairs (default: LoRA-DA against every other cell), on its own metric."""
+    pct = study.metric == "accuracy"
+    scores = report_scores(study, runs, chosen, study.metric)
+    pairs = study.pairs or tuple(("da", c.name) for c in study.cells if c.name != "da")
+    return family(scores, pairs, at_floor(study, runs, chosen) if pct and study.task == "sst2" else ())
+
+
 def mean_ci(xs, level=0.95):
     """(mean, half-width of the two-sided t-interval); half-width nan for fewer than 2 values."""
     xs = np.asarray(xs, dtype=float)
@@ -703,11 +790,6 @@ def report_scores(study, runs, chosen, metric, split=None):
     return out
 
 
-def verdict(d, h, pct, a="LoRA-DA"):
-    better = d > 0 if pct else d < 0
-    return (f"{a} wins" if better else f"{a} loses") if abs(d) > h else "no resolved difference"
-
-
 def aggregate(name, study, out: Path) -> str:
     runs = load_runs(out, study)
     chosen = select_lrs(study, runs)
@@ -754,31 +836,24 @@ def aggregate(name, study, out: Path) -> str:
         lines.append(f"| {m} | {lr:g} | {len(loss[m])} | {a} | {fmt(*mean_ci(list(loss[m].values())))} | "
                      f"{fmt(*mean_ci([r['metrics']['step0']['loss'] for r in recs]))} | "
                      f"{np.mean([r['metrics']['init_seconds'] for r in recs]):.2f} |")
-    # 3. paired differences
-    main = acc if pct else loss
-    if not study.pairs and "da" in loss:  # the baselines' table: LoRA-DA against every other method
-        lines += ["", "## 3. LoRA-DA minus each other method, paired by seed (same data order): mean ± 95% CI", "",
-                  "| other | Δ test accuracy (points) | Δ test loss | pairs | verdict |", "|---|---|---|---|---|"]
-        for m in loss:
-            if m == "da":
+    # 3. paired differences, under the one rule
+    fam = study_family(study, runs, chosen)
+    pairs = study.pairs or tuple(("da", m) for m in loss if m != "da")
+    if pairs and ("da" in loss or study.pairs):
+        lines += ["", "## 3. Paired differences by seed (the same data order), under the study's one inference rule",
+                  "", RULE.format(m=len(fam)), "",
+                  "| a − b | Δ test accuracy (points) | Δ test loss | pairs | p (t) | p (sign-flip) | Holm | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for x, y in pairs:
+            if (x, y) not in fam:
+                lines.append(f"| {x} − {y} | (not yet run) | | | | | | |")
                 continue
-            da_, dh, n = paired(acc["da"], acc[m]) if m in acc and "da" in acc else (float("nan"),) * 3
-            dl, dlh, n2 = paired(loss["da"], loss[m])
-            d, h, _ = paired(main["da"], main[m])
-            lines.append(f"| {m} | {100 * da_:+.2f} ± {100 * dh:.2f} | {dl:+.4f} ± {dlh:.4f} | {n2} | {verdict(d, h, pct)} |")
-    elif study.pairs:
-        lines += ["", "## 3. Paired differences, by seed (same data order): mean ± 95% CI; a difference is "
-                  "resolved only where the interval excludes zero", "",
-                  "| a − b | Δ test accuracy (points) | Δ test loss | pairs | verdict for a |", "|---|---|---|---|---|"]
-        for x, y in study.pairs:
-            if x not in loss or y not in loss or len(set(loss[x]) & set(loss[y])) < 2:
-                lines.append(f"| {x} − {y} | (not yet run) | | | |")
-                continue
+            c = fam[x, y]
             da_, dh, _ = paired(acc[x], acc[y]) if x in acc and y in acc else (float("nan"),) * 3
-            dl, dlh, n = paired(loss[x], loss[y])
-            d, h, _ = paired(main[x], main[y])
-            lines.append(f"| {x} − {y} | {100 * da_:+.2f} ± {100 * dh:.2f} | {dl:+.4f} ± {dlh:.4f} | {n} | "
-                         f"{verdict(d, h, pct, x)} |")
+            dl, dlh, _ = paired(loss[x], loss[y])
+            lines.append(f"| {x} − {y} | {100 * da_:+.2f} ± {100 * dh:.2f} | {dl:+.4f} ± {dlh:.4f} | {c.n} | "
+                         f"{c.p_t:.3f} | {c.p_sign:.3f} | {'rejects' if c.holm else '–'} | "
+                         f"{c.word(pct, 'LoRA-DA' if x == 'da' else x)} |")
     if name in EXTRAS:
         lines += [""] + EXTRAS[name](study, runs, chosen, out)
     text = "\n".join(lines) + "\n"
@@ -1086,30 +1161,9 @@ def collapse_count(recs) -> str:
     return f"{sum(map(collapsed, known))} of {len(known)}" if len(known) == len(recs) else "not recorded"
 
 
-def baselines_extra(study, runs, chosen, out):
-    """The baselines' family of comparisons under Holm's correction, and the runs that collapsed to one class
-    (counted only where the run recorded its predictions: the runs made before that say "not recorded")."""
-    acc = report_scores(study, runs, chosen, "accuracy")
-    family = study.pairs or tuple(("da", c.name) for c in study.cells if c.name != "da")
-    pairs = [(x, y) for x, y in family if x in acc and y in acc and len(set(acc[x]) & set(acc[y])) >= 2]
-    p = {f"{x} − {y}": paired_p(acc[x], acc[y]) for x, y in pairs}
-    adjusted = holm(p)
-    lines = ["## The study's comparisons under Holm's correction (test accuracy, α = 0.05), and collapse to one class", "",
-             "| a − b | Δ (points) | p (paired t) | unadjusted | Holm | b's runs collapsed (≥ 95% one label) |",
-             "|---|---|---|---|---|---|"]
-    for x, y in pairs:
-        k, (d, h, _) = f"{x} − {y}", paired(acc[x], acc[y])
-        recs = report_records(study, runs, chosen, y)
-        col = collapse_count(recs)
-        lines.append(f"| {k} | {100 * d:+.2f} ± {100 * h:.2f} | {p[k]:.3f} | {'resolved' if p[k] <= 0.05 else '–'} | "
-                     f"{'resolved' if adjusted[k] else '–'} | {col} |")
-    return lines
-
-
 def babyllama_extra(study, runs, chosen, out):
-    """The second model's diagnostics: collapse to one class, Holm over the pairs, the variance/bias ratio per
-    layer, how far A moves, and what its character tokenizer does to SST-2 (truncation, <unk>)."""
-    acc = report_scores(study, runs, chosen, "accuracy")
+    """The second model's diagnostics: collapse to one class, the variance/bias ratio per layer, how far A
+    moves, and what its character tokenizer does to SST-2 (truncation, <unk>)."""
     lines = ["## 4. Runs collapsed to one class (≥ 95% of test predictions the same label) and A's drift (largest "
              "principal angle between the initial and final row spaces of A, mean over the 35 layers; mean ± 95% CI "
              "over seeds)", "", "| cell | collapsed | A drift (degrees) |", "|---|---|---|"]
@@ -1118,21 +1172,12 @@ def babyllama_extra(study, runs, chosen, out):
         if recs:
             drift = mean_ci([r["metrics"]["A_drift_degrees"]["mean"] for r in recs])
             lines.append(f"| {c.name} | {sum(map(collapsed, recs))} of {len(recs)} | {drift[0]:.1f} ± {drift[1]:.1f} |")
-    pairs = [(x, y) for x, y in study.pairs if x in acc and y in acc and len(set(acc[x]) & set(acc[y])) >= 2]
-    p = {f"{x} − {y}": paired_p(acc[x], acc[y]) for x, y in pairs}
-    adjusted = holm(p)
-    lines += ["", "## 5. The family of pairs above under Holm's correction (test accuracy, α = 0.05)", "",
-              "| a − b | Δ (points) | p (paired t) | unadjusted | Holm |", "|---|---|---|---|---|"]
-    for x, y in pairs:
-        k, (d, h, _) = f"{x} − {y}", paired(acc[x], acc[y])
-        lines.append(f"| {k} | {100 * d:+.2f} ± {100 * h:.2f} | {p[k]:.3f} | "
-                     f"{'resolved' if p[k] <= 0.05 else '–'} | {'resolved' if adjusted[k] else '–'} |")
     rec = next((r for s in study.seeds if (r := runs.get(run_name("da", chosen.get("da", 0), s, "report")))
                 and "metrics" in r), None)
     if rec:
         m, rep = rec["metrics"], rec["metrics"]["init_report"]
         r = ratios(rep, 1.0, 0.03)
-        lines += ["", "## 6. The variance term against the bias term at LoRA-DA's A0 (β = 0.03, N = the training set): "
+        lines += ["", "## 5. The variance term against the bias term at LoRA-DA's A0 (β = 0.03, N = the training set): "
                   f"β·variance/(α·bias) over the 35 layers: median {np.median(r):.2e}, max {max(r):.2e}. "
                   f"Truncated to the 256-character context: {m['truncated']}; characters outside the 105-piece "
                   f"alphabet (read as <unk>, never a target): {m['unknown_tokens']}."]
@@ -1144,21 +1189,19 @@ def controls_extra(study, runs, chosen, out):
     the mode's family; the gap da − lora as the sum of its steps along two paths; and per cell, the runs that
     collapsed to one class, how far A moved and where the init put the model at step 0."""
     acc = report_scores(study, runs, chosen, "accuracy")
+    fam = study_family(study, runs, chosen)
     lines = []
     for fa, mode in (("", "standard training"), ("-FA", "A frozen (LoRA-FA)")):
-        pairs = [(a, b, PAIR_LABELS[a, b]) for a, b in study.pairs if a.endswith("-FA") == bool(fa)
-                 and a in acc and b in acc and len(set(acc[a]) & set(acc[b])) >= 2]
+        pairs = [(a, b, PAIR_LABELS[a, b]) for a, b in study.pairs if a.endswith("-FA") == bool(fa) and (a, b) in fam]
         if not pairs:
             continue
-        p = {(x, y): paired_p(acc[x], acc[y]) for x, y, _ in pairs}
-        adjusted = holm(p)
-        lines += [f"## What each control isolates: {mode} (test accuracy; Holm over this mode's {len(pairs)} pairs, "
-                  "α = 0.05)", "", "| a − b | isolates | Δ (points) | p (paired t) | unadjusted | Holm |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## What each control isolates: {mode} (test accuracy; one family: Holm over all {len(fam)} "
+                  "comparisons of this study, both modes)", "", "| a − b | isolates | Δ (points) | pairs | p (t) | "
+                  "p (sign-flip) | Holm | verdict |", "|---|---|---|---|---|---|---|---|"]
         for x, y, w in pairs:
-            d, h, _ = paired(acc[x], acc[y])
-            lines.append(f"| {x} − {y} | {w} | {100 * d:+.2f} ± {100 * h:.2f} | {p[x, y]:.3f} | "
-                         f"{'resolved' if p[x, y] <= 0.05 else '–'} | {'resolved' if adjusted[x, y] else '–'} |")
+            c = fam[x, y]
+            lines.append(f"| {x} − {y} | {w} | {100 * c.d:+.2f} ± {100 * c.h:.2f} | {c.n} | {c.p_t:.3f} | "
+                         f"{c.p_sign:.3f} | {'rejects' if c.holm else '–'} | {c.word(True, x)} |")
         paths = (("da", "da-nostep", "da-lorascale", "lora"), ("da", "da-nostep", "random-dascale", "lora"),
                  ("da", "random-dascale", "lora"), ("da", "da-lorascale", "lora"))
         for path in paths:
@@ -1313,9 +1356,9 @@ def collapse_extra(study, runs, chosen, out):
 
 
 def with_holm(extra=lambda *a: []):
-    """A study's own diagnostics, each cell's collapsed runs, then its family of comparisons under Holm's
-    correction."""
-    return lambda *a: extra(*a) + [""] + collapse_extra(*a) + [""] + baselines_extra(*a)
+    """A study's own diagnostics, then each cell's collapsed runs (its comparisons, under the one rule with Holm
+    over the whole study, are section 3)."""
+    return lambda *a: extra(*a) + [""] + collapse_extra(*a)
 
 
 EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "babyllama": babyllama_extra,

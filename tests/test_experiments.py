@@ -76,7 +76,7 @@ def test_the_runner_writes_skips_and_aggregates_and_selection_never_reads_the_te
     m, h = E.mean_ci(list(acc["da"].values()))
     assert f"{100 * m:.2f} ± {100 * h:.2f}" in table
     d, h, n = E.paired(acc["da"], acc["lora"])
-    assert f"| lora | {100 * d:+.2f} ± {100 * h:.2f} |" in table
+    assert f"| da − lora | {100 * d:+.2f} ± {100 * h:.2f} |" in table
     assert (tmp_path / "table.md").read_text() == table and (tmp_path / "selection.png").stat().st_size > 0
     # a study with explicit pairs: the same difference under "a − b", and its per-cell plot
     table = E.aggregate("tiny", E.dataclasses.replace(study, pairs=(("da", "lora"),)), tmp_path)
@@ -243,3 +243,60 @@ def test_a_run_json_that_is_not_the_run_its_name_says_is_named_and_skipped(tmp_p
     assert len(E.load_runs(tmp_path / "baselines")) == 8  # without the study: only names are checked
     index = E.finished_runs([tmp_path])
     assert "select-da-lr0.01-s101.json" in capsys.readouterr().err and len(index) >= 1
+
+
+def test_two_best_rates_exactly_one_point_apart_are_a_tie_despite_float_rounding():
+    """58.5% against 57.5% is 0.010000000000000009 in floats: the rule says within 1 point, so it is a tie."""
+    study = E.Study("sst2", E.plain(("one",)), (1e-3, 3e-3, 1e-2), (101,), (1,), (), tie_seeds=(102, 103))
+    assert 0.585 - 0.575 > 0.01  # the trap
+    assert E.tied(study, {1e-3: 0.575, 3e-3: 0.585, 1e-2: 0.5}) == (3e-3, 1e-3)
+    assert E.tied(study, {1e-3: 0.574, 3e-3: 0.585, 1e-2: 0.5}) == ()
+
+
+def test_the_sign_flip_test_against_hand_counted_patterns():
+    # 1, 2, 3: of the 8 sign patterns only +++ and --- reach |sum| 6
+    assert E.sign_flip_p([1, 2, 3]) == 2 / 8
+    # 0.5, −0.2, 0.3, 0.4 (sum 1.0, which floats round): |sum| >= 1.0 for ±(+ + + +) and ±(+ − + +): 4 of 16
+    assert E.sign_flip_p([0.5, -0.2, 0.3, 0.4]) == 4 / 16
+    assert E.sign_flip_p([1.0] * 5) == 2 / 32 and E.sign_flip_p([1.0] * 10) == 2 / 1024  # the floors at 5 and 10
+    assert E.sign_flip_p([0.0, 0.0]) == 1.0 and math.isnan(E.sign_flip_p([]))
+
+
+def test_the_rule_says_wins_only_where_both_tests_and_holm_agree():
+    c = lambda p_t, p_s, holm, d=0.03, floor="": E.Comparison(d, 0.01, 10, p_t, p_s, holm, floor)
+    assert c(0.001, 0.002, True).word(True, "LoRA-DA") == "LoRA-DA wins"
+    assert c(0.001, 0.002, True, d=-0.03).word(True, "LoRA-DA") == "LoRA-DA loses"
+    assert c(0.001, 0.002, True, d=0.03).word(False, "LoRA-DA") == "LoRA-DA loses"  # a loss: lower is better
+    assert c(0.001, 0.002, False).word() == "resolved (unadjusted: t and sign-flip)"
+    assert c(0.001, 0.0625, True).word() == "resolved (unadjusted: t)"
+    assert c(0.2, 0.3, False).word() == "no difference shown"
+    assert c(0.2, 0.3, False, floor="da-FA").word() == "no difference shown; da-FA at the collapse floor"
+    # the family: Holm on the larger p of each comparison, over every comparison of the study
+    scores = {"da": {s: 0.60 + 0.01 * s for s in range(1, 11)}, "lora": {s: 0.50 for s in range(1, 11)},
+              "one": {s: 0.60 + 0.01 * s + (0.001 if s % 2 else -0.001) for s in range(1, 11)}}
+    fam = E.family(scores, [("da", "lora"), ("da", "one")], floor={"one"})
+    assert fam["da", "lora"].p_sign == 2 / 1024 and fam["da", "lora"].holm  # 0.002 <= 0.05 / 2
+    assert not fam["da", "one"].holm and fam["da", "one"].floor == "one"
+    assert fam["da", "lora"].word(True, "LoRA-DA") == "LoRA-DA wins"
+
+
+def test_a_table_flags_a_rate_chosen_at_the_grids_edge_and_states_the_rule(tmp_path):
+    study = E.Study("sst2", E.plain(("lora", "da")), (1e-3, 3e-3, 1e-2), (101,), (1, 2), ())
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def put(name, seed, final, phase):
+        args = E.run_args(study, name.split("-")[1], float(name.split("-lr")[1].split("-s")[0]), seed, phase)
+        metrics = {"seed": seed, "final": final, "step0": {"loss": 1.0}, "init_seconds": 0.1}
+        (runs / f"{name}.json").write_text(json.dumps({"name": name, "args": args, "config": {"seed": seed},
+                                                        "metrics": metrics, "wall_seconds": 1.0}))
+    for m, best in (("lora", 3e-3), ("da", 1e-3)):  # da's best is the smallest rate: an edge
+        for lr in study.lrs:
+            put(E.run_name(m, lr, 101, "select"), 101, {"split": "val", "accuracy": 0.7 if lr == best else 0.6,
+                                                        "loss": 1.0}, "select")
+        for s in study.seeds:
+            put(E.run_name(m, best, s, "report"), s, {"split": "test", "accuracy": 0.6 + 0.01 * s,
+                                                      "loss": 1.0, "predicted_positive": 0.5}, "report")
+    text = E.aggregate("tiny", study, tmp_path)
+    assert "| da | " in text and "0.001 (grid edge) |" in text and "0.003 (grid edge)" not in text
+    assert "Holm's step-down over all 1 comparisons of this study" in text and "no difference shown" in text
