@@ -179,7 +179,8 @@ RANGES = {
     "layers_per_pass": N_(I_, 0, 10 ** 4, ">= 0 (0: all)"),
     **{n: N_(I_, 1, 10 ** 7, "a positive integer") for n in ("ga_samples", "one_samples")},
     "eva_rho": N_(float, 1.0, 1e3, "in [1, 1000]"),
-    "lr": N_(float, 1e-12, 1e3, "positive, in [1e-12, 1e3] (below it no fp32 weight moves)"),
+    "lr": N_(float, 1e-12, 1e20, "positive, in [1e-12, 1e20] (below it no fp32 weight moves; far above it a run "
+                                 "diverges, and says so)"),
     "steps": N_(I_, 1, BIG, "a positive integer"),
     **{n: N_(I_, 1, 65536, "a positive integer") for n in ("batch_size", "grad_accum", "length_groups")},
     "warmup": N_(float, 0.0, 1 - 2 ** -24, "a fraction of the steps in [0, 1)"),

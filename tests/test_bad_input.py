@@ -125,7 +125,7 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("params.json missing key", "sample.py", ["--checkpoint", "{bad}/nokey"], "params.json: missing key 'dim'"),
     ("config.json missing key", "sample.py", ["--checkpoint", "{bad}/hf"], "config.json: missing key 'hidden_size'"),
     ("heads do not divide", "sample.py", ["--checkpoint", "{bad}/heads"], "dim 64 is not divisible by n_heads 6"),
-    ("temperature nan", "sample.py", ["--temperature", "nan"], "--temperature must be finite"),
+    ("temperature nan", "sample.py", ["--temperature", "nan"], "argument --temperature: must be a finite number"),
     ("prompt fills the context", "sample.py", ["--prompt", "Once upon a time " * 200], "fills the model's context of 512"),
     ("device cuda", "train.py", ["--device", "cuda"] + FAST, "no CUDA device"),
     ("device cuda (sample)", "sample.py", ["--device", "cuda"], "no CUDA device"),

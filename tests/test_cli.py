@@ -126,7 +126,7 @@ def test_the_probe_table_itself_sees_a_flag_without_a_range():
     assert in_range(int, 0, 5, "6") is None and in_range(float, 0.0, 1.0, "nan") is None
 
 
-EDGES = [("--gamma", "1e-6"), ("--gamma", "1e9"), ("--lora-alpha", "1e9"), ("--lora-alpha", "1e-6"),
+EDGES = [("--lr", "1e20"), ("--gamma", "1e-6"), ("--gamma", "1e9"), ("--lora-alpha", "1e9"), ("--lora-alpha", "1e-6"),
          ("--lr", "1e3"), ("--lr", "1e-12"), ("--beta", "1e9"), ("--alpha", "1e9"), ("--damping", "1e9"),
          ("--damping", "1e-30"), ("--relative-damping", "1e9"), ("--seed", str(2 ** 31 - 1)), ("--N", str(10 ** 9)),
          ("--init ga --ga-gamma", "1e-6"), ("--init one --one-gamma", "1e-6"), ("--init ga --ga-gamma", "1e9"),
@@ -196,7 +196,7 @@ def test_an_unexpected_error_shows_its_traceback_when_asked(tmp_path):
 def test_a_second_ctrl_c_during_the_clean_up_ends_at_once_in_one_line(gap, tmp_path):
     """The first SIGINT starts the clean-up (here a slow one); the second, a moment later, ends the process
     at once: exit 130, one line each, no traceback."""
-    body = ("print('ready', flush=True)\ntry:\n    time.sleep(60)\nfinally:\n    time.sleep(30)")
+    body = "try:\n    print('ready', flush=True)\n    time.sleep(60)\nfinally:\n    time.sleep(30)"
     p = run_boundary(body, tmp_path)
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGINT)
@@ -209,7 +209,7 @@ def test_a_second_ctrl_c_during_the_clean_up_ends_at_once_in_one_line(gap, tmp_p
 
 
 def test_one_ctrl_c_ends_through_the_clean_up_and_says_what_was_kept(tmp_path):
-    p = run_boundary("print('ready', flush=True)\ntry:\n    time.sleep(60)\nfinally:\n    print('cleaned', flush=True)",
+    p = run_boundary("try:\n    print('ready', flush=True)\n    time.sleep(60)\nfinally:\n    print('cleaned', flush=True)",
                      tmp_path)
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGINT)

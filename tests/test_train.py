@@ -112,9 +112,9 @@ def test_truncation_is_from_the_left_of_the_prompt_and_counted(data):
     (["--checkpoint", "/nonexistent/model.bin"], "checkpoint not found"),
     (["--tokenizer", "/nonexistent/tok.model"], "tokenizer not found"),
     (["--rank", "65"], "need 1 <= r <= 32"),
-    (["--lr", "0"], "--lr must be positive"),
-    (["--batch-size", "-1"], "--batch-size must be positive"),
-    (["--steps", "0"], "--steps must be positive"),
+    (["--lr", "0"], "argument --lr: must be positive"),
+    (["--batch-size", "-1"], "argument --batch-size: must be a positive integer"),
+    (["--steps", "0"], "argument --steps: must be a positive integer"),
     (["--init", "dora"], "choose from lora, gaussian, pissa, milora, ga, one, corda, eva, da"),
     (["--task", "mnli"], "invalid choice: 'mnli' (choose from 'sst2', 'gsm8k')"),
 ])
