@@ -626,8 +626,13 @@ def torch_load(path: Path):
 
 
 def check_finite(sd: dict, source):
+    """Every weight a floating-point tensor (an integer or boolean one would be cast to a float silently) with
+    finite entries."""
     for k, v in sd.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise CheckpointError(f"{source}: weight {k} is {getattr(v, 'dtype', type(v).__name__)}, expected a "
+                                  f"floating-point tensor")
+        if not torch.isfinite(v).all():
             raise CheckpointError(f"{source}: weight {k} has NaN or inf entries")
 
 
@@ -908,6 +913,33 @@ def save_lora(model: nn.Module, path):
     atomic_save(lora_state(model), path)
 
 
+def check_adapter(state):
+    """An adapter's config and tensors by type and meaning before anything is loaded: r a positive integer,
+    lora_alpha a positive finite number, targets a list of names, rslora a bool; each A (r, d_in) and B (d_out, r)
+    floating-point, finite and of that r."""
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(state.get("lora"), dict):
+        raise ValueError("not a LoRA adapter: expected a dict with 'config' and 'lora' (this project's adapter.pt)")
+    cfg = state["config"]
+    checks = {"r": lambda v: type(v) is int and v > 0, "lora_alpha": lambda v: type(v) in (int, float) and
+              math.isfinite(v) and v > 0, "targets": lambda v: isinstance(v, (list, tuple)) and v and
+              all(isinstance(t, str) for t in v), "rslora": lambda v: type(v) is bool}
+    for key, ok in checks.items():
+        if key not in cfg or not ok(cfg[key]):
+            raise ValueError(f"adapter config {key} = {cfg.get(key)!r:.40} is not valid (r: a positive integer, "
+                             f"lora_alpha: a positive number, targets: a list of names, rslora: true or false)")
+    for name, layer in state["lora"].items():
+        A, B = (layer.get(k) if isinstance(layer, dict) else None for k in ("A", "B"))
+        for k, t in (("A", A), ("B", B)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
+                raise ValueError(f"adapter layer {name}: {k} is {getattr(t, 'dtype', type(t).__name__)}, expected a "
+                                 f"2-D floating-point tensor")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"adapter layer {name}: {k} has NaN or inf entries")
+        if A.shape[0] != cfg["r"] or B.shape[1] != cfg["r"]:
+            raise ValueError(f"adapter layer {name}: A {tuple(A.shape)} and B {tuple(B.shape)} do not have the "
+                             f"config's rank r = {cfg['r']}")
+
+
 def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: bool = False) -> dict:
     """Add LoRA to a base model as the adapter describes, apply its W0 shift, load A and B."""
     state = path_or_state
@@ -919,6 +951,7 @@ def load_lora(model: nn.Module, path_or_state, dropout: float = 0.0, freeze_A: b
                                     f"adapter_config.json)")
         else:
             state = torch_load(Path(state))
+    check_adapter(state)
     cfg = state["config"]
     layers = lora_layers(model) or add_lora(model, cfg["r"], cfg["lora_alpha"], cfg["targets"], cfg["rslora"],
                                             dropout=dropout, freeze_A=freeze_A)

@@ -393,19 +393,20 @@ def check_out_dir(cfg, out_dir: Path, config: dict):
                      f"choose another --out-dir, or replace it with --overwrite")
 
 
-def check_writable(out_dir: Path):
-    """Refuse an --out-dir that cannot be written before any model is loaded, not at the first save."""
+def check_writable(out_dir: Path, flag="--out-dir"):
+    """Refuse an output folder that cannot be written before any model is loaded, not at the first save (or,
+    for an export, after the whole run)."""
     probe = Path(out_dir)
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"--out-dir {out_dir}: {probe} is a file, not a folder")
+        raise UsageError(f"{flag} {out_dir}: {probe} is a file, not a folder")
     try:
         fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-test-")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise UsageError(f"--out-dir {out_dir}: cannot write in {probe} ({e.strerror})")
+        raise UsageError(f"{flag} {out_dir}: cannot write in {probe} ({e.strerror})")
 
 
 @dataclasses.dataclass
@@ -758,6 +759,8 @@ def main_of(cfg):
     dist = start_dist(cfg)  # alone, unless torchrun started several of us
     if dist.main:
         check_writable(out)
+        if cfg.export_peft:
+            check_writable(Path(cfg.export_peft), "--export-peft")
     # one writer per folder: the out-dir and, for several runs, each run's subfolder (a run started in one of
     # them by hand is refused, and a multi-run started over one is refused before it writes anything)
     releases = lock_all(dict.fromkeys([out] + [d for _, _, d in runs])) if dist.main else []

@@ -107,6 +107,8 @@ ROWS = [  # id, script, args (with {bad}, {data}, {out} filled in), a fragment o
     ("rank too large", "train.py", ["--rank", "1000"] + FAST, "need 1 <= r <= 32"),
     ("max-len too small", "train.py", ["--max-len", "2"] + FAST, "--max-len 2 leaves no room"),
     ("out-dir unwritable", "train.py", ["--out-dir", "/proc/lora_da_out"], "cannot write in /proc"),
+    ("export to an unwritable folder", "train.py", ["--export-peft", "/proc/lora_da_peft"] + FAST,
+     "--export-peft /proc/lora_da_peft: cannot write in /proc"),
     ("out-dir under a file", "train.py", ["--out-dir", "{bad}/a_file/out"], "is a file, not a folder"),
     ("header-only train.tsv", "train.py", ["--data-dir", "{bad}/headeronly"] + FAST, "train.tsv: no examples after the header"),
     ("invalid utf-8", "train.py", ["--data-dir", "{bad}/utf8"] + FAST, "train.tsv:3: not valid UTF-8"),
@@ -162,7 +164,7 @@ def test_bad_input_gets_one_line_and_leaves_nothing(row, bad, data, tmp_path):
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert fill(fragment) in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 or (lines[0].startswith("usage:") and lines[-1].startswith("train.py: error:")), r.stderr
+    assert len(lines) == 1 or (lines[0].startswith("usage:") and lines[-1].startswith(f"{script}: error:")), r.stderr
     assert not (tmp_path / "out").exists()  # a refused run leaves nothing behind
     assert "this must never run" not in r.stdout + r.stderr
 

@@ -214,3 +214,47 @@ def test_a_llama2c_header_that_lies_but_keeps_the_byte_count_is_refused(data, tm
     assert checkpoints.load_checkpoint(data / "stories260K" / "stories260K.bin").args.n_heads == heads
     with pytest.raises(checkpoints.CheckpointError, match="disagrees with the file's own RoPE table"):
         checkpoints.load_checkpoint(tmp_path / "lie.bin")
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("integer weight", "is torch.int64, expected a floating-point tensor"),
+    ("adapter r as text", "adapter config r = '8' is not valid"),
+    ("adapter A of another rank", "do not have the config's rank r = 8"),
+    ("adapter B as integers", "B is torch.int32, expected a 2-D floating-point tensor"),
+    ("adapter with NaN", "A has NaN or inf entries"),
+])
+def test_tensor_dtypes_and_adapter_fields_are_checked_by_meaning(case, fragment, stories):
+    import copy
+    import llama
+    if case == "integer weight":
+        sd = {k: v.clone() for k, v in stories.state_dict().items()}
+        sd["norm.weight"] = sd["norm.weight"].long()
+        with pytest.raises(checkpoints.CheckpointError, match=fragment):
+            checkpoints.check_finite(sd, "x.pth")
+        return
+    model = copy.deepcopy(stories)
+    llama.add_lora(model, r=8)
+    state = llama.lora_state(model)
+    name = next(iter(state["lora"]))
+    if case == "adapter r as text":
+        state["config"]["r"] = "8"
+    elif case == "adapter A of another rank":
+        state["lora"][name]["A"] = state["lora"][name]["A"][:4]
+    elif case == "adapter B as integers":
+        state["lora"][name]["B"] = state["lora"][name]["B"].int()
+    else:
+        state["lora"][name]["A"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=fragment):
+        checkpoints.load_lora(copy.deepcopy(stories), state)
+
+
+@pytest.mark.formats
+def test_a_config_written_by_the_installed_transformers_reads_with_its_own_theta(tmp_path):
+    """transformers 5 writes θ inside rope_parameters (no top-level rope_theta): a reader that fell back to the
+    default 10,000 would compute another model without a word; every field it writes is known here."""
+    transformers = pytest.importorskip("transformers")
+    c = transformers.LlamaConfig(hidden_size=64, intermediate_size=172, num_attention_heads=8, num_key_value_heads=4,
+                                 num_hidden_layers=2, vocab_size=512, rope_theta=100000.0)
+    c.save_pretrained(tmp_path)
+    args = checkpoints.hf_args(json.loads((tmp_path / "config.json").read_text()), "config.json")
+    assert (args.rope_theta, args.n_kv_heads, args.hidden_dim) == (100000.0, 4, 172)
