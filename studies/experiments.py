@@ -822,7 +822,9 @@ def aggregate(name, study, out: Path) -> str:
                      (f" | {chosen[g]:g}{edge} |" if g in chosen else " | (incomplete) |"))
     # 2. report
     lines += ["", f"## 2. Test results at each method's chosen rate: mean ± 95% CI over seeds "
-              f"{', '.join(map(str, study.seeds))}", ""]
+              f"{', '.join(map(str, study.seeds))}" + (f" (the headline cells {', '.join(study.headline)}: also "
+                                                       f"{', '.join(map(str, study.headline_seeds))})"
+                                                       if study.headline else ""), ""]
     acc = report_scores(study, runs, chosen, "accuracy")
     loss = report_scores(study, runs, chosen, "loss")
     lines += ["| method | lr | seeds | test accuracy (%) | test loss | step-0 loss | init seconds |", "|---|---|---|---|---|---|---|"]
