@@ -23,7 +23,11 @@ slows all of them alike; tokens are real (unpadded) tokens.
 """
 import argparse
 import copy
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -408,11 +412,8 @@ def init_rows(name, threads, authors):
     peak resident memory is the init's alone): the statistics pass, the solve, each stage's peak, and the
     --dry-run plan beside them. authors: also the per-sample loop (--stats-batch-size 1, the authors' released
     estimator feeds one sample per backward pass; the same numbers up to float order)."""
-    import json
-    import subprocess
-    import tempfile
     root = Path(__file__).resolve().parents[1]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     plan = subprocess.run([sys.executable, "train.py", "--model", name, "--init", "da", "--init-only", "--dry-run"],
                           cwd=root, env=env, capture_output=True, text=True, check=True).stdout
     planned = {k: float(line.split()[-2]) for line in plan.splitlines() for k in ("statistics", "solve")

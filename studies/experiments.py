@@ -212,7 +212,7 @@ def control_cells():
     return tuple(out)
 
 
-# the A-rate control (issue: the scale explanation's prediction): AdamW moves each entry of A by about the rate,
+# the A-rate control (what the scale explanation predicts): AdamW moves each entry of A by about the rate,
 # so LoRA-DA's A, √(γ/3) times smaller than LoRA's, moves that much faster relative to itself; scaling A's rate by
 # √(3/γ) removes that. If the scale explains the gap, da-alr and random-dascale-alr train like LoRA (standard only)
 A_RATE = f"{math.sqrt(3 / 1024):.4g}"
@@ -269,7 +269,7 @@ def pairs_of(cells, key):
     return tuple((a.name, b.name) for a in cells for b in cells if a.x == b.x and key(a, b))
 
 
-# the cells the README's and FINDINGS' verdicts and causal sentences rest on get 10 report seeds (issue 39)
+# the cells the README's and FINDINGS' verdicts and causal sentences rest on get 10 report seeds
 HEADLINE = (6, 7, 8, 9, 10)
 CONTROL_HEADLINE = tuple(n + fa for n in ("lora", "da", "da-nostep", "da-lorascale", "random-dascale",
                                           "gradient-dascale", "gradient-lorascale") for fa in ("", "-FA")) + \
@@ -630,10 +630,9 @@ def family(scores: dict, pairs, floor=()) -> dict:
     out = {}
     for a, b in pairs:
         if a in scores and b in scores and len(set(scores[a]) & set(scores[b])) >= 2:
-            common = sorted(set(scores[a]) & set(scores[b]))
-            m, h = mean_ci([scores[a][s] - scores[b][s] for s in common])
-            out[a, b] = Comparison(m, h, len(common), paired_p(scores[a], scores[b]),
-                                   sign_flip_p([scores[a][s] - scores[b][s] for s in common]),
+            m, h, n = paired(scores[a], scores[b])
+            diffs = [scores[a][s] - scores[b][s] for s in sorted(set(scores[a]) & set(scores[b]))]
+            out[a, b] = Comparison(m, h, n, paired_p(scores[a], scores[b]), sign_flip_p(diffs),
                                    floor=" and ".join(c for c in (a, b) if c in floor))
     for k, ok in holm({k: c.p for k, c in out.items()}).items():
         out[k].holm = ok

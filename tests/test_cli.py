@@ -3,6 +3,7 @@ parser itself, so a flag added tomorrow is probed tomorrow (and a numeric flag w
 flag this table cannot classify, fails the test). Then the one error boundary: expected errors, unexpected
 ones, out of memory and a second Ctrl-C each end in one line."""
 import argparse
+import json
 import math
 import os
 import signal
@@ -149,7 +150,7 @@ def test_a_setting_at_the_edge_of_its_range_trains_finite_or_is_refused_in_one_l
         assert "\n" not in str(e) and ("--" in str(e) or "damping" in str(e)), str(e)
         return
     metrics = (tmp_path / "out" / "metrics.json").read_text()
-    final = __import__("json").loads(metrics)["final"]
+    final = json.loads(metrics)["final"]
     assert math.isfinite(final["loss"]) and 0 <= final["accuracy"] <= 1, final
 
 
