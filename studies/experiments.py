@@ -184,6 +184,17 @@ BABY_CELLS = plain(("lora", "ga", "one", "da")) + tuple(
     Cell(f"{m}-FA", m, ("--freeze-A",), ("--freeze-A",), "FA", series=f"{m} (A frozen)") for m in ("lora", "da"))
 
 
+# the model that reads English: SmolLM2-135M-Instruct (width 576, 30 blocks, 134.5M parameters), r = 8 on all seven
+# projections of all 30 blocks, the authors' schedule. At 59 training tokens/s on one thread (FINDINGS, "Against the
+# CPU's limit") the baselines' 400 x 32 sentences would take an hour a run; 48 steps of 16 sentences (768, about
+# 2.4 min of training) and 500 validation sentences make a selection run about 4 min and a report run about 6, so
+# that the whole study fits about 6 hours on the two cores. LoRA-FA beside standard LoRA for lora and da
+SMOL = ("--model", "smollm2-135M", "--task", "sst2", "--steps", "48", "--batch-size", "16", "--eval-interval", "0",
+        "--val-size", "500", "--no-zero-shot")
+SMOL_CELLS = plain(("lora", "da", "milora", "ga", "pissa")) + tuple(
+    Cell(f"{m}-FA", m, ("--freeze-A",), ("--freeze-A",), "FA", series=f"{m} (A frozen)") for m in ("lora", "da"))
+
+
 # the attribution controls (theory.md §12): each cell changes one of A0's direction, A's scale, the initial step,
 # the statistics' labels and the damping; every cell is its own rate group (the scale sets the rate), in standard
 # and frozen-A training. lora, da and whitened are the frozen-a and function-space studies' runs, copied.
@@ -313,6 +324,12 @@ STUDIES = {
                               ("lora-FA", "lora")), headline=("lora", "da"), headline_seeds=HEADLINE,
                        question="Does LoRA-DA still lose to LoRA on a second real model, twice as wide, with a "
                                 "character tokenizer (babyllama936K)?"),
+    # one selection seed, two more at a group's two best rates where they are within 1 point
+    "smollm2": Study("sst2", SMOL_CELLS, (1e-4, 3e-4, 1e-3, 3e-3), (101,), (1, 2, 3, 4, 5), SMOL, tie_seeds=(102, 103),
+                     pairs=(("da", "lora"), ("da", "milora"), ("da", "ga"), ("da", "pissa"), ("da-FA", "lora-FA"),
+                            ("da-FA", "da"), ("lora-FA", "lora")), headline=("lora", "da"), headline_seeds=HEADLINE,
+                     question="On a model that reads English (SmolLM2-135M, 78.6% zero-shot), does LoRA-DA beat "
+                              "LoRA and its peers, in standard and in frozen-A training?"),
     "function-space": Study("sst2", SUBSPACE, LRS + (3e-2, 1e-1), (101, 102), (1, 2, 3, 4, 5), SCALE,
                             pairs=(("whitened", "da"), ("whitened", "lora"), ("whitened-FA", "da-FA"),
                                    ("whitened-FA", "lora-FA")),
@@ -744,7 +761,11 @@ def grid(study, phase, chosen=None):
     """(name, lr, seed) of every run of a phase: each rate group at each rate; each cell at its group's rate."""
     if phase == "select":
         return [(g, lr, s) for g in study.groups for lr in study.lrs for s in study.select_seeds]
-    return [(c.name, chosen[c.group], s) for c in study.cells if c.group in chosen for s in study.seeds_of(c.name)]
+    # seed by seed across the cells: a study stopped part-way has every cell at about the same number of seeds
+    cells = [c for c in study.cells if c.group in chosen]
+    rank = max((len(study.seeds_of(c.name)) for c in cells), default=0)
+    return [(c.name, chosen[c.group], study.seeds_of(c.name)[i]) for i in range(rank) for c in cells
+            if i < len(study.seeds_of(c.name))]
 
 
 def run_study(name, study, out, n_jobs, shared=None):
@@ -1185,6 +1206,44 @@ def babyllama_extra(study, runs, chosen, out):
     return lines
 
 
+def smollm2_extra(study, runs, chosen, out):
+    """The model that reads English: each cell's step-0 and final accuracy, collapse to one class and A's drift;
+    LoRA-DA's estimate per layer (the variance term against the bias term, the shift's size against W0's), and
+    the training loss over the budget (is LoRA converged at 48 steps?)."""
+    lines = ["## 4. Step 0, collapse to one class (≥ 95% of test predictions the same label) and A's drift (largest "
+             "principal angle between the initial and final row spaces of A, mean over the 210 layers); mean ± 95% "
+             "CI over seeds", "", "| cell | seeds | step-0 test accuracy | final test accuracy | collapsed | "
+             "A drift (degrees) |", "|---|---|---|---|---|---|"]
+    for c in study.cells:
+        recs = report_records(study, runs, chosen, c.name)
+        if recs:
+            s0 = mean_ci([r["metrics"]["step0"]["accuracy"] for r in recs])
+            fin = mean_ci([r["metrics"]["final"]["accuracy"] for r in recs])
+            drift = mean_ci([r["metrics"]["A_drift_degrees"]["mean"] for r in recs])
+            lines.append(f"| {c.name} | {len(recs)} | {fmt(*s0, pct=True)} | {fmt(*fin, pct=True)} | "
+                         f"{sum(map(collapsed, recs))} of {len(recs)} | {drift[0]:.1f} ± {drift[1]:.1f} |")
+    rec = next((r for s in study.seeds if (r := runs.get(run_name("da", chosen.get("da", 0), s, "report")))
+                and "metrics" in r), None)
+    if rec:
+        layers = rec["metrics"]["init_report"]["layers"].values()
+        r = ratios(rec["metrics"]["init_report"], 1.0, 0.03)
+        rel = [v["dW_fro"] / v["W0_fro"] for v in layers]
+        q = lambda xs: f"median {np.median(xs):.3g} [{min(xs):.3g}, {max(xs):.3g}]"
+        lines += ["", f"## 5. LoRA-DA's estimate at its A0 (report seed {rec['metrics']['seed']}, {len(r)} layers): "
+                  f"β·variance/(α·bias) (β = 0.03) {q(r)}; ‖ΔŴ‖_F/‖W0‖_F {q(rel)}; median of Y's entries "
+                  f"{q([v['Y_median'] for v in layers])} against the damping λ = {next(iter(layers))['damping']:g}."]
+    lora = report_records(study, runs, chosen, "lora")
+    if lora:
+        loss = np.array([r["metrics"]["history"]["loss"] for r in lora])
+        n = loss.shape[1]
+        at = sorted({0, n // 4 - 1, n // 2 - 1, 3 * n // 4 - 1, n - 1})
+        lines += ["", f"## 6. LoRA's training loss over the budget (mean of {len(lora)} report seeds; each step a "
+                  "different batch of 16, so a curve that still falls at the end is not converged): " +
+                  ", ".join(f"step {i + 1}: {loss[:, max(0, i - 3):i + 1].mean():.4f}" for i in at) +
+                  " (each point the mean over that step and the three before it)."]
+    return lines
+
+
 def controls_extra(study, runs, chosen, out):
     """What each control isolates, per training mode: the paired difference, its p-value, and Holm's verdict within
     the mode's family; the gap da − lora as the sum of its steps along two paths; and per cell, the runs that
@@ -1363,7 +1422,7 @@ def with_holm(extra=lambda *a: []):
 
 
 EXTRAS = {"controls": controls_extra, "controls-babyllama": controls_extra, "babyllama": babyllama_extra,
-          "baselines": with_holm(), "function-space": with_holm(), "rank": with_holm(),
+          "baselines": with_holm(), "smollm2": with_holm(smollm2_extra), "function-space": with_holm(), "rank": with_holm(),
           "samples": with_holm(samples_extra), "scarcity": with_holm(scarcity_extra),
           "ablation": with_holm(ablation_extra), "frozen-a": with_holm(frozen_extra)}
 

@@ -143,6 +143,25 @@ def test_cells_train_at_their_rate_groups_rate():
     assert "ga-r32" not in {c.name for c in E.STUDIES["rank"].cells}
 
 
+def test_report_runs_go_seed_by_seed_and_cover_every_cell_at_its_seeds():
+    # claim: the report grid is each cell at each of its seeds, once (headline cells at their extra seeds too),
+    # ordered seed by seed, so that a study stopped part-way has every cell at about the same number of seeds
+    for name in ("baselines", "smollm2", "controls"):
+        study = E.STUDIES[name]
+        chosen = {g: 1e-3 for g in study.groups}
+        runs = E.grid(study, "report", chosen)
+        assert sorted((c, s) for c, _, s in runs) == sorted((c.name, s) for c in study.cells for s in study.seeds_of(c.name))
+        rank = [study.seeds_of(c).index(s) for c, _, s in runs]
+        assert rank == sorted(rank)
+        first = {c for c, _, s in runs[:len(study.cells)]}
+        assert first == {c.name for c in study.cells}
+    # a cell whose group has no rate yet is left out, the others keep their order
+    study = E.STUDIES["smollm2"]
+    runs = E.grid(study, "report", {"lora": 1e-3, "da": 3e-3})
+    assert [c for c, _, _ in runs[:2]] == ["lora", "da"] and {c for c, _, _ in runs} == {"lora", "da"}
+    assert len(runs) == 2 * len(study.seeds_of("lora")) and all(lr == {"lora": 1e-3, "da": 3e-3}[c] for c, lr, _ in runs)
+
+
 def test_t_bar_is_the_mean_tokens_of_the_study_init_samples(data):
     # claim: the ablation's β = T̄ is the mean counted tokens per init sequence of the studies' training set (±2%)
     cfg = train.get_args(list(E.SCALE))
