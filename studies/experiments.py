@@ -347,9 +347,17 @@ STUDIES = {
                                          "its scale in standard training and its direction with A frozen?"),
     "distance": Study("sst2", (), (), (), (), (), of=("baselines", "gsm8k"),
                       question="Does LoRA-DA's gain shrink as the task moves away from pretraining (open question 1)?"),
+    "three-models": Study("sst2", (), (), (), (), (), of=("baselines", "babyllama", "smollm2"),
+                          question="The three real models side by side: what holds on all three?"),
     "mechanism": Study("sst2", (), (), (), (), (),
                        question="Where does each init put A: how much of each layer's input energy its rows capture, "
                                 "against the damping and the shift's rank?"),
+    "planted-babyllama": Study("sst2", (), (), (), (), (),
+                               question="The planted shift on the second real model (babyllama936K): the map and the "
+                                        "training half."),
+    "planted-smollm2": Study("sst2", (), (), (), (), (),
+                             question="The planted shift on the model that reads English (SmolLM2-135M, its middle "
+                                      "block): the init-only map."),
     "planted": Study("sst2", (), (), (), (), (),
                      question="Open question 1 with the truth known: does LoRA-DA's estimate find a planted target "
                               "shift, and its row space, as the shift grows from far inside the local regime to far "
@@ -1400,6 +1408,48 @@ def mechanism(out: Path) -> str:
     return text
 
 
+THREE = (("stories260K", "baselines"), ("babyllama936K", "babyllama"), ("SmolLM2-135M", "smollm2"))
+THREE_CELLS = ("lora", "da", "milora", "ga", "pissa", "one", "lora-FA", "da-FA")
+
+
+def three_models(out: Path) -> str:
+    """The three real models side by side, each from its own study (its budget, grid and seeds): zero-shot, each
+    method's test accuracy, and LoRA-DA against each other method with that study's verdict under the one rule
+    (its own Holm family). Reads the studies' committed runs; runs nothing."""
+    rows, diffs = [], []
+    for model, name in THREE:
+        study = STUDIES[name]
+        runs = load_runs(RESULTS / name, study)
+        chosen = select_lrs(study, runs)
+        acc = report_scores(study, runs, chosen, "accuracy")
+        lora = report_records(study, runs, chosen, "lora")
+        zero = mean_ci([r["metrics"]["step0"]["accuracy"] for r in lora])[0] if lora else float("nan")  # B = 0
+        cells = [(f"{fmt(*mean_ci(list(acc[c].values())), pct=True)} ({len(acc[c])})" if c in acc else "–")
+                 for c in THREE_CELLS]
+        rows.append(f"| {model} | {name} | {100 * zero:.2f} | " + " | ".join(cells) + " |")
+        fam = study_family(study, runs, chosen)
+        for (a, b), c in fam.items():
+            if a.removesuffix("-FA") == "da" and b in THREE_CELLS:
+                diffs.append(f"| {model} | {a} − {b} | {100 * c.d:+.2f} ± {100 * c.h:.2f} | {c.n} | {c.p_t:.3f} | "
+                             f"{c.p_sign:.3f} | {len(fam)} | {c.word(True, 'LoRA-DA')} |")
+    lines = ["# Three real models side by side (SST-2 test accuracy, %)", "",
+             "Each model from its own study, at that study's budget, grid and seeds (the study's table.md has the "
+             "settings): stories260K `baselines` (400 steps × 32), babyllama936K `babyllama` (200 × 32), "
+             "SmolLM2-135M `smollm2` (48 × 16). Zero-shot = LoRA's step 0 (B = 0: the base model). Each entry: mean "
+             "± 95% t-interval (report seeds). Rebuild: `python studies/experiments.py three-models`.", "",
+             "| model | study | zero-shot | " + " | ".join(THREE_CELLS) + " |", "|---|---|---|" + "---|" * len(THREE_CELLS)]
+    lines += rows + ["", "LoRA-DA against each method, paired by seed (points), under the one inference rule: the "
+                     "paired 95% t-interval and an exact paired sign-flip test; Holm's step-down over each study's "
+                     "own family (its size in the column) on the larger p, α = 0.05; 'wins'/'loses' only where both "
+                     "tests reject and Holm keeps it, 'resolved (unadjusted)' where a test rejects without that, "
+                     "'no difference shown' where neither does; a cell at the collapse floor is named.", "",
+                     "| model | a − b | Δ | pairs | p (t) | p (sign-flip) | family | verdict |",
+                     "|---|---|---|---|---|---|---|---|"] + diffs
+    text = "\n".join(lines) + "\n"
+    write(out / "table.md", text)
+    return text
+
+
 def llama_models():
     return tuple(llama.MODELS)
 
@@ -1465,14 +1515,19 @@ def study_main(a):
     if a.study == "distance":  # reads the baselines and gsm8k runs; its measurements need no training
         print(distance(out))
         return
+    if a.study == "three-models":  # reads the three models' studies
+        print(three_models(out))
+        return
     if a.study == "mechanism":  # measurements of the inits alone, on both real models
         print(mechanism(out))
         return
-    if a.study == "planted":  # a known target shift: the estimate and the subspaces against the truth
+    if a.study.startswith("planted"):  # a known target shift: the estimate and the subspaces against the truth
+        spec = next(sp for sp in planted.SPECS.values() if sp.folder == a.study)
         if not a.aggregate:
-            planted.run_map(out)
-            planted.run_training(out, jobs=a.jobs)
-        print(planted.aggregate(out))
+            planted.run_map(out, spec)
+            if spec.train:
+                planted.run_training(out, spec, jobs=a.jobs)
+        print(planted.aggregate(out, spec))
         return
     if study.of:  # convergence: read the runs of another study, run nothing
         print(convergence(STUDIES[study.of[0]], load_runs(RESULTS / study.of[0], STUDIES[study.of[0]]), out))

@@ -319,3 +319,20 @@ def test_a_table_flags_a_rate_chosen_at_the_grids_edge_and_states_the_rule(tmp_p
     text = E.aggregate("tiny", study, tmp_path)
     assert "| da | " in text and "0.001 (grid edge) |" in text and "0.003 (grid edge)" not in text
     assert "Holm's step-down over all 1 comparisons of this study" in text and "no difference shown" in text
+
+
+def test_the_three_model_table_quotes_each_studys_own_numbers_and_verdicts(tmp_path):
+    # claim: the side-by-side table is each study's own section 3, not a recomputation under other settings: every
+    # LoRA-DA row carries the same Δ ± h and the same verdict as the committed table of the study it names
+    text = E.three_models(tmp_path)
+    quoted = 0
+    for model, name in E.THREE:
+        own = (E.RESULTS / name / "table.md").read_text().splitlines()
+        for line in text.splitlines():
+            if line.startswith(f"| {model} | da"):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                pair, delta, verdict = cells[1], cells[2], cells[-1]
+                row = next(r for r in own if r.startswith(f"| {pair} | "))
+                assert delta in row and row.rstrip(" |").endswith(verdict), (line, row)
+                quoted += 1
+    assert quoted >= 10 and (tmp_path / "table.md").read_text() == text

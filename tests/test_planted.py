@@ -78,3 +78,29 @@ def test_lora_da_finds_a_planted_shift_and_its_row_space_and_broken_estimators_d
         M = L.guidance_matrix(dn, torch.linalg.inv(Zd), 0.0, 1.0, 0.0)              # bias only: A0 from D alone
         A_broken = L.smallest_eigenvectors(M, 8)[0]
         assert not checks(D, A_broken, G, true, V, T)[0], (name, checks(D, A_broken, G, true, V, T)[1])
+
+
+def test_every_models_training_grid_names_each_run_once_and_the_committed_runs_are_found():
+    # claim: the training half's names are unique over every model's grids (no run overwrites another), a
+    # selection name never collides with a report name, every planted layer exists in its model, and
+    # stories260K's committed runs (written before N was a setting) hold every name its grid asks for: the
+    # refactor into per-model specs lost none (the 90 others are test runs of the first, narrower rate grid)
+    import llama
+    for spec in planted.SPECS.values():
+        names = [planted.run_name(split, v, e, n, m, mode, lr, s) for g, v, e, n, m, mode in planted.cells(spec)
+                 for split, seeds in (("val", (planted.SELECT_SEED,)), ("test", g.seeds)) for lr in g.lrs for s in seeds]
+        assert len(names) == len(set(names))
+        with torch.device("meta"):
+            layers = {n for n, _ in llama.Transformer(llama.PRESETS[spec.model]).named_modules()}
+        assert set(spec.layers) <= layers and len(spec.layers) == 4
+    spec = planted.SPECS["stories260K"]
+    committed = {p.stem for p in (ROOT / "studies" / "results" / "planted" / "train").glob("*.json")}
+    recs = planted.train_records(ROOT / "studies" / "results" / "planted")
+    rates = planted.chosen_rates(recs, spec)
+    wanted = {planted.run_name("val", v, e, n, m, mode, lr, planted.SELECT_SEED)
+              for g, v, e, n, m, mode in planted.cells(spec) for lr in g.lrs}
+    wanted |= {planted.run_name("test", v, e, n, m, mode, rates[(v, e, n, m, mode)][0], s)
+               for g, v, e, n, m, mode in planted.cells(spec) for s in g.seeds}
+    assert len(rates) == len(planted.cells(spec)) == 40 and wanted <= committed
+    assert len(committed - wanted) == 90 and all(n.startswith("test-") for n in committed - wanted)
+    assert planted.run_name("val", "random", 0.3, 64, "da", "frozen", 1e-3, 101) == "val-random-eps0.3-N64-da-frozen-lr0.001-s101"
