@@ -1238,8 +1238,9 @@ def smollm2_extra(study, runs, chosen, out):
         rel = [v["dW_fro"] / v["W0_fro"] for v in layers]
         q = lambda xs: f"median {np.median(xs):.3g} [{min(xs):.3g}, {max(xs):.3g}]"
         lines += ["", f"## 5. LoRA-DA's estimate at its A0 (report seed {rec['metrics']['seed']}, {len(r)} layers): "
-                  f"β·variance/(α·bias) (β = 0.03) {q(r)}; ‖ΔŴ‖_F/‖W0‖_F {q(rel)}; median of Y's entries "
-                  f"{q([v['Y_median'] for v in layers])} against the damping λ = {next(iter(layers))['damping']:g}."]
+                  f"β·variance/(α·bias) (β = 0.03, N = the training set) {q(r)}; ‖ΔŴ‖_F/‖W0‖_F {q(rel)}; each "
+                  f"layer's median entry of Y: {q([v['Y_median'] for v in layers])}, against the damping "
+                  f"λ = {next(iter(layers))['damping']:g}."]
     lora = report_records(study, runs, chosen, "lora")
     if lora:
         loss = np.array([r["metrics"]["history"]["loss"] for r in lora])
