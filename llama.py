@@ -160,10 +160,15 @@ class Attention(nn.Module):
             keys, values, is_causal, mask = xk, xv, T > 1, None
         else:
             # incremental decoding: write this chunk into the cache, attend to everything so far
+            # the cache grows with the sequence (doubling, up to the context), never to the whole context at once:
+            # 256 sequences at SmolLM2's 8,192-token context would hold 97 GB of keys and values
+            need = start_pos + T
             if start_pos == 0 or self.cache_k is None or self.cache_k.shape[0] != B:
-                shape = (B, self.max_seq_len, self.n_kv_heads, self.head_dim)
-                self.cache_k = torch.zeros(shape, dtype=xk.dtype, device=x.device)
-                self.cache_v = torch.zeros(shape, dtype=xv.dtype, device=x.device)
+                self.cache_k = self.cache_v = xk.new_zeros(B, 0, self.n_kv_heads, self.head_dim)
+            if need > self.cache_k.shape[1]:
+                size = min(self.max_seq_len, max(need, 2 * self.cache_k.shape[1], 64))
+                grow = lambda c: torch.cat([c, c.new_zeros(B, size - c.shape[1], *c.shape[2:])], 1)
+                self.cache_k, self.cache_v = grow(self.cache_k), grow(self.cache_v)
             self.cache_k[:, start_pos:start_pos + T] = xk.detach()
             self.cache_v[:, start_pos:start_pos + T] = xv.detach()
             keys = self.cache_k[:, :start_pos + T]

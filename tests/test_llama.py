@@ -72,6 +72,23 @@ def test_cached_incremental_decoding_equals_full_forward(stories):
     assert (cached - full).abs().max().item() < 1e-4
 
 
+def test_the_cache_holds_what_the_sequence_needs_and_grows_past_it_with_the_same_logits(stories):
+    # claim: the key/value cache is sized to the tokens decoded so far (doubling), not to the whole context, so
+    # a wide batch at a long context fits in memory; growing it mid-sequence (past 64, then 128 tokens) changes
+    # no logit against the full forward
+    torch.manual_seed(1)
+    tokens = torch.randint(3, 512, (3, 150))
+    full = stories(tokens)
+    steps = [stories(tokens[:, :10], start_pos=0)]
+    layer = stories.layers[0].attention
+    assert layer.cache_k.shape[1] == 64 < stories.args.max_seq_len
+    steps += [stories(tokens[:, t:t + 1], start_pos=t) for t in range(10, 150)]
+    assert layer.cache_k.shape[1] == 256 and layer.cache_v.shape == layer.cache_k.shape
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+    stories(tokens[:1, :5], start_pos=0)  # a new sequence (another batch size) starts a cache of its own
+    assert layer.cache_k.shape[:2] == (1, 64)
+
+
 def test_meta_two_shard_checkpoint_loads_back_with_identical_logits(tmp_path):
     model = tiny_model()
     checkpoints.save_meta_checkpoint(model, tmp_path / "meta", n_shards=2)
