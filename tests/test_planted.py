@@ -101,6 +101,27 @@ def test_every_models_training_grid_names_each_run_once_and_the_committed_runs_a
               for g, v, e, n, m, mode in planted.cells(spec) for lr in g.lrs}
     wanted |= {planted.run_name("test", v, e, n, m, mode, rates[(v, e, n, m, mode)][0], s)
                for g, v, e, n, m, mode in planted.cells(spec) for s in g.seeds}
-    assert len(rates) == len(planted.cells(spec)) == 40 and wanted <= committed
+    assert len(rates) == len(planted.cells(spec)) == 80 and wanted <= committed
     assert len(committed - wanted) == 90 and all(n.startswith("test-") for n in committed - wanted)
     assert planted.run_name("val", "random", 0.3, 64, "da", "frozen", 1e-3, 101) == "val-random-eps0.3-N64-da-frozen-lr0.001-s101"
+
+
+def test_the_training_table_pairs_lora_da_with_lora_ga_by_seed_at_each_ones_own_rate():
+    # claim: the table's last column for a LoRA-DA row is the mean and 95% t half-width of LoRA-DA's KL minus
+    # LoRA-GA's, seed by seed, each at its own chosen rate (N = 1,024, low-energy V, frozen A), as recomputed here
+    import numpy as np
+    spec, out = planted.SPECS["stories260K"], ROOT / "studies" / "results" / "planted"
+    recs = planted.train_records(out)
+    rates = planted.chosen_rates(recs, spec)
+    cell = ("low-energy", 0.3, 1024)
+    kl = {m: np.array([recs[planted.run_name("test", *cell, m, "frozen", rates[(*cell, m, "frozen")][0], s)]["kl"]
+                       for s in planted.REPORT_SEEDS]) for m in ("da", "ga")}
+    d = kl["da"] - kl["ga"]
+    assert len(d) == 3
+    half = 4.302652729749464 * d.std(ddof=1) / np.sqrt(3)  # Student's t, 97.5% quantile at 2 degrees of freedom
+    row = next(line for line in planted.train_table(out, spec).splitlines()
+               if line.startswith("| low-energy | 0.3 | 1024 | frozen | da |"))
+    assert row.split("|")[-2].strip().startswith(f"{d.mean():+.3g} ± {half:.2g}")
+    ga_row = next(line for line in planted.train_table(out, spec).splitlines()
+                  if line.startswith("| low-energy | 0.3 | 1024 | frozen | ga |"))
+    assert ga_row.split("|")[-2].strip() == ""
