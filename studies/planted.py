@@ -307,7 +307,8 @@ STEPS, BATCH, SELECT_SEED, REPORT_SEEDS = 60, 16, 101, (1, 2, 3)
 _TEACHERS = {}  # per worker: (variant, ε, seed, split, N) -> (teacher, ΔW*, V, training sequences, held-out ones)
 
 # the models: stories260K (the full init-only map; the training half at N = 256 on both variants, both ε, and at
-# N = 64 and 1,024 in the ε = 0.3 column, the one where its runs learned anything);
+# N = 64 and 1,024 in the ε = 0.3 column, the one where its runs learned anything, and at ε = 1, where the
+# init-only map's cosine falls back);
 # babyllama936K (width 128, 5 blocks; a training run there takes about 15 s on one thread, 2x stories260K's, so
 # its training half is the ε = 0.3 column, where stories260K's runs learned anything, at six rates) and
 # SmolLM2-135M (width 576, 30 blocks: its middle block; init-only, one seed, N up to 128: sampling 128 sequences
@@ -315,7 +316,8 @@ _TEACHERS = {}  # per worker: (variant, ε, seed, split, N) -> (teacher, ΔW*, V
 SPECS = {
     "stories260K": Spec("stories260K", PLANTED, "planted",
                         train=(Grid(VARIANTS, TRAIN_EPS, (TRAIN_N,), TRAIN_METHODS, LRS, REPORT_SEEDS),
-                               Grid(VARIANTS, (3e-1,), (64, 1024), TRAIN_METHODS, LRS, REPORT_SEEDS))),
+                               Grid(VARIANTS, (3e-1,), (64, 1024), TRAIN_METHODS, LRS, REPORT_SEEDS),
+                               Grid(VARIANTS, (1.0,), (TRAIN_N,), TRAIN_METHODS, LRS, REPORT_SEEDS))),
     "babyllama936K": Spec("babyllama936K", block(2), "planted-babyllama", seeds=(1, 2),
                           train=(Grid(VARIANTS, (3e-1,), (TRAIN_N,), TRAIN_METHODS, LRS[:6], REPORT_SEEDS),)),
     "smollm2-135M": Spec("smollm2-135M", block(15), "planted-smollm2", eps=(1e-3, 1e-2, 1e-1, 3e-1, 1.0),

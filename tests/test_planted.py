@@ -101,7 +101,7 @@ def test_every_models_training_grid_names_each_run_once_and_the_committed_runs_a
               for g, v, e, n, m, mode in planted.cells(spec) for lr in g.lrs}
     wanted |= {planted.run_name("test", v, e, n, m, mode, rates[(v, e, n, m, mode)][0], s)
                for g, v, e, n, m, mode in planted.cells(spec) for s in g.seeds}
-    assert len(rates) == len(planted.cells(spec)) == 80 and wanted <= committed
+    assert len(rates) == len(planted.cells(spec)) == 100 and wanted <= committed
     assert len(committed - wanted) == 90 and all(n.startswith("test-") for n in committed - wanted)
     assert planted.run_name("val", "random", 0.3, 64, "da", "frozen", 1e-3, 101) == "val-random-eps0.3-N64-da-frozen-lr0.001-s101"
 
