@@ -321,6 +321,35 @@ def test_a_table_flags_a_rate_chosen_at_the_grids_edge_and_states_the_rule(tmp_p
     assert "Holm's step-down over all 1 comparisons of this study" in text and "no difference shown" in text
 
 
+def test_a_grid_extended_for_one_group_asks_that_group_alone_for_the_new_rate_and_then_clears_its_edge(tmp_path):
+    # setup: da chose 1e-3, the lower edge of (1e-3, 3e-3, 1e-2); its grid alone goes down to 3e-4
+    study = E.Study("sst2", E.plain(("lora", "da")), (1e-3, 3e-3, 1e-2), (101,), (1, 2), (),
+                    more_lrs=(("da", (3e-4,)),))
+    assert study.lrs_of("da") == (3e-4, 1e-3, 3e-3, 1e-2) and study.lrs_of("lora") == study.lrs
+    sel = E.grid(study, "select")
+    assert ("da", 3e-4, 101) in sel and ("lora", 3e-4, 101) not in sel and len(sel) == 7
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def put(m, lr, acc):
+        name = E.run_name(m, lr, 101, "select")
+        (runs / f"{name}.json").write_text(json.dumps({
+            "name": name, "args": E.run_args(study, m, lr, 101, "select"), "config": {"seed": 101},
+            "metrics": {"seed": 101, "final": {"split": "val", "accuracy": acc, "loss": 1.0}, "step0": {"loss": 1.0},
+                        "init_seconds": 0.1}, "wall_seconds": 1.0}))
+    for m, best in (("lora", 3e-3), ("da", 1e-3)):
+        for lr in study.lrs:
+            put(m, lr, 0.7 if lr == best else 0.6)
+    # claim: until the new rate's run exists, da has no rate (and so no report runs); lora is unaffected
+    assert E.select_lrs(study, E.load_runs(tmp_path)) == {"lora": 3e-3}
+    put("da", 3e-4, 0.55)
+    # claim: with it, da keeps 1e-3, now inside its own grid: no edge flag, and the table has the new column
+    assert E.select_lrs(study, E.load_runs(tmp_path)) == {"lora": 3e-3, "da": 1e-3}
+    text = E.aggregate("tiny", study, tmp_path)
+    assert "| lr 0.0003 | lr 0.001 |" in text and "(grid edge)" not in text
+    assert any(line.startswith("| da | 55.00 | **70.00** |") for line in text.splitlines())
+
+
 def test_the_three_model_table_quotes_each_studys_own_numbers_and_verdicts(tmp_path):
     # claim: the side-by-side table is each study's own section 3, not a recomputation under other settings: every
     # LoRA-DA row carries the same Δ ± h and the same verdict as the committed table of the study it names
