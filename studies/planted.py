@@ -501,6 +501,20 @@ def run_training(out_dir: Path, spec=None, jobs=2, log=print):
                 log(f"  [{i + 1}/{len(todo)}] {name}: {sec:.0f}s")
 
 
+def paired_kl(recs, rates, g, point, mode, runs, other) -> str:
+    """A cell's test KL minus `other`'s at its own chosen rate, paired by seed (teacher and samples): mean ± 95% t."""
+    if (*point, other, mode) not in rates:
+        return ""
+    lr = rates[(*point, other, mode)][0]
+    ref = {s: recs.get(run_name("test", *point, other, mode, lr, s)) for s in g.seeds}
+    pairs = [(r["kl"], ref[r["seed"]]["kl"]) for r in runs if ref.get(r["seed"]) and "kl" in ref[r["seed"]]]
+    if len(pairs) < 2:
+        return ""
+    mc = mean_ci([a - b for a, b in pairs])
+    return f"{mc[0]:+.3g} ± {mc[1]:.2g}" + (" (resolved, unadjusted)" if abs(mc[0]) > mc[1] else "") + \
+        (f" ({len(pairs)} pairs)" if len(pairs) != len(g.seeds) else "")
+
+
 def train_table(out_dir: Path, spec=None) -> str:
     spec = spec or SPECS["stories260K"]
     recs = train_records(out_dir)
@@ -533,19 +547,8 @@ def train_table(out_dir: Path, spec=None) -> str:
         d = mean_ci([r["distance"] for r in runs])
         k0 = mean_ci([r["step0"]["kl"] for r in runs])
 
-        def paired(other):
-            """This cell's KL minus `other`'s at its own chosen rate, paired by seed (teacher and samples)."""
-            if (v, e, n, other, mode) not in rates:
-                return ""
-            olr = rates[(v, e, n, other, mode)][0]
-            ref = {s: recs.get(run_name("test", v, e, n, other, mode, olr, s)) for s in g.seeds}
-            pairs = [(r["kl"], ref[r["seed"]]["kl"]) for r in runs if ref.get(r["seed"]) and "kl" in ref[r["seed"]]]
-            if len(pairs) < 2:
-                return ""
-            mc = mean_ci([a - b for a, b in pairs])
-            return f"{mc[0]:+.3g} ± {mc[1]:.2g}" + (" (resolved, unadjusted)" if abs(mc[0]) > mc[1] else "") + \
-                (f" ({len(pairs)} pairs)" if len(pairs) != len(g.seeds) else "")
         lines.append(f"| {v} | {e:g} | {n} | {mode} | {m} | {lr:g}{'*' if edge else ''} | {k0[0]:.4g} | "
-                     f"{k[0]:.4g} ± {k[1]:.2g} | {d[0]:.3g} ± {d[1]:.2g} | {paired('lora') if m != 'lora' else ''} | "
-                     f"{paired('ga') if m == 'da' else ''} |")
+                     f"{k[0]:.4g} ± {k[1]:.2g} | {d[0]:.3g} ± {d[1]:.2g} | "
+                     f"{paired_kl(recs, rates, g, (v, e, n), mode, runs, 'lora') if m != 'lora' else ''} | "
+                     f"{paired_kl(recs, rates, g, (v, e, n), mode, runs, 'ga') if m == 'da' else ''} |")
     return "\n".join(lines) + "\n"
