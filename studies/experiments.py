@@ -103,6 +103,8 @@ class Study:
     headline: tuple = ()            # the cells a verdict rests on: they get headline_seeds on top of seeds
     headline_seeds: tuple = ()
     more_lrs: tuple = ()            # (group, rates): a group's grid extended past an edge it chose, that group only
+    earlier: tuple = ()             # (select_seeds, tie_seeds) of a smaller selection this one replaced: the table
+                                    # shows what it chose beside what the full selection chooses
 
     def lrs_of(self, group):
         """A rate group's grid: the study's, and the rates added where that group chose an edge."""
@@ -111,6 +113,10 @@ class Study:
     @property
     def all_lrs(self):
         return tuple(sorted({lr for g in self.groups for lr in self.lrs_of(g)}))
+
+    def earlier_study(self):
+        """This study as its earlier, smaller selection saw it (the same runs, fewer selection seeds)."""
+        return dataclasses.replace(self, select_seeds=self.earlier[0], tie_seeds=self.earlier[1], earlier=())
 
     def seeds_of(self, cell):
         """The report seeds of a cell: the study's, and the headline seeds for a headline cell."""
@@ -847,8 +853,11 @@ def aggregate(name, study, out: Path) -> str:
               f"{', '.join(map(str, study.select_seeds))} (validation split carved from train; test never read)", "",
               "| method | " + " | ".join(f"lr {lr:g}" for lr in study.all_lrs) +
               (f" | two best within 1 point: mean over seeds {', '.join(map(str, study.select_seeds + study.tie_seeds))}"
-               if study.tie_seeds else "") + " | chosen |",
-              "|---|" + "---|" * (len(study.all_lrs) + 1 + bool(study.tie_seeds))]
+               if study.tie_seeds else "") + " | chosen |" + (
+                  f" chosen on seeds {', '.join(map(str, study.earlier[0]))} (ties: "
+                  f"{', '.join(map(str, study.earlier[1])) or 'none'}) |" if study.earlier else ""),
+              "|---|" + "---|" * (len(study.all_lrs) + 1 + bool(study.tie_seeds) + bool(study.earlier))]
+    before = select_lrs(study.earlier_study(), runs) if study.earlier else {}
     for g in study.groups:
         cells = []
         for lr in study.all_lrs:
@@ -862,8 +871,10 @@ def aggregate(name, study, out: Path) -> str:
         wide = selection_means(study, g, runs, study.select_seeds + study.tie_seeds, sorted(pair)) if pair else {}
         tie = (" vs ".join(f"{lr:g}: {100 * v:.2f}" for lr, v in wide.items()) if len(wide) == 2 else
                "within 1 point, seeds pending" if pair else "–") if study.tie_seeds else ""
+        was = ("" if not study.earlier else f" {before[g]:g}" + (" (changed) |" if g in chosen and before[g] != chosen[g]
+                                                                else " |") if g in before else " – |")
         lines.append(f"| {g} | " + " | ".join(cells) + (f" | {tie}" if study.tie_seeds else "") +
-                     (f" | {chosen[g]:g}{edge} |" if g in chosen else " | (incomplete) |"))
+                     (f" | {chosen[g]:g}{edge} |" if g in chosen else " | (incomplete) |") + was)
     # 2. report
     lines += ["", f"## 2. Test results at each method's chosen rate: mean ± 95% CI over seeds "
               f"{', '.join(map(str, study.seeds))}" + (f" (the headline cells {', '.join(study.headline)}: also "

@@ -365,3 +365,30 @@ def test_the_three_model_table_quotes_each_studys_own_numbers_and_verdicts(tmp_p
                 assert delta in row and row.rstrip(" |").endswith(verdict), (line, row)
                 quoted += 1
     assert quoted >= 10 and (tmp_path / "table.md").read_text() == text
+
+
+def test_a_selection_widened_to_three_seeds_names_what_one_seed_chose_and_flags_a_change(tmp_path):
+    # setup: seed 101 alone prefers 1e-3 by 2 points (no tie); seeds 102, 103 prefer 3e-3 by 3 points, so over
+    # all three 3e-3 leads (59.0 against 57.7): the three-seed selection changes da's rate and keeps lora's
+    study = E.Study("sst2", E.plain(("lora", "da")), (3e-4, 1e-3, 3e-3), (101, 102, 103), (1, 2), (),
+                    tie_seeds=(104, 105), earlier=((101,), (102, 103)))
+    val = {("da", 101): (0.50, 0.60, 0.58), ("da", 102): (0.50, 0.57, 0.60), ("da", 103): (0.50, 0.56, 0.59),
+           **{("lora", s): (0.50, 0.65, 0.55) for s in (101, 102, 103)}}
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for (m, s), accs in val.items():
+        for lr, acc in zip(study.lrs, accs):
+            name = E.run_name(m, lr, s, "select")
+            (runs / f"{name}.json").write_text(json.dumps({
+                "name": name, "args": E.run_args(study, m, lr, s, "select"), "config": {"seed": s},
+                "metrics": {"seed": s, "final": {"split": "val", "accuracy": acc, "loss": 1.0},
+                            "step0": {"loss": 1.0}, "init_seconds": 0.1}, "wall_seconds": 1.0}))
+    loaded = E.load_runs(tmp_path)
+    # claim: the earlier view reads seed 101 only (1e-3 for both); the full one reads all three
+    assert E.select_lrs(study.earlier_study(), loaded) == {"lora": 1e-3, "da": 1e-3}
+    assert E.select_lrs(study, loaded) == {"lora": 1e-3, "da": 3e-3}
+    text = E.aggregate("tiny", study, tmp_path)
+    assert "| chosen | chosen on seeds 101 (ties: 102, 103) |" in text
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith(("| da |", "| lora |"))}
+    assert lines["| da"].endswith("| – | 0.003 (grid edge) | 0.001 (changed) |")
+    assert lines["| lora"].endswith("| – | 0.001 | 0.001 |")
