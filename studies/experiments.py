@@ -314,9 +314,11 @@ STUDIES = {
                      tie_seeds=(103,), xlabel="init samples |S|",
                      pairs=pairs_of(samples_cells(), lambda a, b: a.method == "da" and b.method != "da"),
                      question="How many init samples does LoRA-DA need (open question 3)?"),
-    # lora-N64 chose 1e-2, the edge of LRS: the grid goes up to 3e-2; one selection seed, and two more at a
-    # group's two best rates where they are within 1 point
-    "scarcity": Study("sst2", scarcity_cells(), LRS + (3e-2,), (101,), (1, 2, 3, 4, 5), SCALE, tie_seeds=(102, 103),
+    # lora-N64 chose 1e-2, the edge of LRS: the grid goes up to 3e-2. Three selection seeds at every rate (first
+    # one, with 102 and 103 only at a group's two best rates within 1 point: `earlier`), and two more (104, 105)
+    # at the two best where they are within 1 point
+    "scarcity": Study("sst2", scarcity_cells(), LRS + (3e-2,), (101, 102, 103), (1, 2, 3, 4, 5), SCALE,
+                      tie_seeds=(104, 105), earlier=((101,), (102, 103)),
                       xlabel="training sentences N",
                       pairs=pairs_of(scarcity_cells(), lambda a, b: a.method == "da" and b.method != "da" or
                                      a.name.startswith("da") and b.name.endswith("beta0") and a.name != b.name),
