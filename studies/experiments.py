@@ -873,8 +873,9 @@ def aggregate(name, study, out: Path) -> str:
         wide = selection_means(study, g, runs, study.select_seeds + study.tie_seeds, sorted(pair)) if pair else {}
         tie = (" vs ".join(f"{lr:g}: {100 * v:.2f}" for lr, v in wide.items()) if len(wide) == 2 else
                "within 1 point, seeds pending" if pair else "–") if study.tie_seeds else ""
-        was = ("" if not study.earlier else f" {before[g]:g}" + (" (changed) |" if g in chosen and before[g] != chosen[g]
-                                                                else " |") if g in before else " – |")
+        was = ""
+        if study.earlier:  # the earlier selection's choice, flagged where the full one differs
+            was = f" {before[g]:g}{' (changed)' if chosen.get(g, before[g]) != before[g] else ''} |" if g in before else " – |"
         lines.append(f"| {g} | " + " | ".join(cells) + (f" | {tie}" if study.tie_seeds else "") +
                      (f" | {chosen[g]:g}{edge} |" if g in chosen else " | (incomplete) |") + was)
     # 2. report
